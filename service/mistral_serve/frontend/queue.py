@@ -1,0 +1,67 @@
+"""The frontend's side of the queue: admit requests into the pool's stream, announce cancels."""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from mistral_serve.common import keys
+from mistral_serve.queue.v1 import queue_pb2
+
+from .errors import BackendUnavailable, QueueFull
+
+# Admission is one atomic step so that concurrent frontends never push the backlog past its bound.
+# The backlog is the stream's length: workers delete entries once they are done with them, so it
+# counts waiting and running requests. The wake entry breaks this frontend's blocked event reader.
+_ADMIT = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  return false
+end
+local id = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[3])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100', '*', 'w', '1')
+redis.call('EXPIRE', KEYS[2], 3600)
+return id
+"""
+
+
+class RequestQueue:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        pool: str,
+        max_backlog: int,
+        retry_after_s: float,
+        frontend_id: str,
+        cancel_ttl_s: int,
+    ) -> None:
+        self._redis = client
+        self._stream = keys.request_stream(pool)
+        self._cancel_channel = keys.cancel_channel(pool)
+        self._wake = keys.wake_stream(frontend_id)
+        self._max_backlog = max_backlog
+        self._retry_after_s = retry_after_s
+        self._cancel_ttl_s = cancel_ttl_s
+        self._admit = client.register_script(_ADMIT)
+
+    async def admit(self, queued: queue_pb2.QueuedRequest) -> None:
+        """Queue `queued`, or raise QueueFull when the pool's backlog is at its bound."""
+        try:
+            entry_id = await self._admit(
+                keys=[self._stream, self._wake],
+                args=[self._max_backlog, keys.REQUEST_FIELD, queued.SerializeToString()],
+            )
+        except RedisError as exc:
+            raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
+        if entry_id is None:
+            raise QueueFull(self._max_backlog, self._retry_after_s)
+
+    async def cancel(self, request_id: str) -> None:
+        """Mark `request_id` cancelled: a flag for a worker yet to start it, a message for one running it."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.cancel_flag(request_id), b"1", ex=self._cancel_ttl_s)
+            pipe.publish(self._cancel_channel, request_id)
+            await pipe.execute()
+
+    async def backlog(self) -> int:
+        return int(await self._redis.xlen(self._stream))

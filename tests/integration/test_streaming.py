@@ -1,0 +1,203 @@
+"""The end-to-end path in one process: real frontend, real Redis, worker with the scripted engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import redis
+
+from mistral_serve.client.client import retry_delay
+from mistral_serve.common import keys
+from mistral_serve.v1 import chat_pb2
+from tests.integration.conftest import Stack
+from tests.support.requests import chat, events_text
+from tests.support.scripted_engine import ScriptedEngine
+
+
+def assert_well_formed(events: list[chat_pb2.ChatEvent]) -> None:
+    """started first, deltas numbered 1..n with no gap, exactly one terminal event, last."""
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "started"
+    assert kinds[-1] in ("finished", "error")
+    assert sum(k in ("finished", "error") for k in kinds) == 1
+    sequences = [e.delta.sequence for e in events if e.WhichOneof("event") == "delta"]
+    assert sequences == list(range(1, len(sequences) + 1))
+
+
+async def test_stream_delivers_ordered_gapless_deltas_and_one_terminal_event(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    await stack.worker()
+    client = stack.client(frontend)
+
+    events = [e async for e in client.stream(chat("tell me a story"))]
+
+    assert_well_formed(events)
+    assert events_text(events) == "tell me a story w1 w2 w3 w4 w5 w6 w7 w8"
+    finished = events[-1].finished
+    assert finished.finish_reason == chat_pb2.FINISH_REASON_STOP
+    assert finished.usage.completion_tokens == 12
+    assert finished.usage.prompt_tokens == 4
+    assert sum(e.delta.token_count for e in events if e.WhichOneof("event") == "delta") == 12
+    assert 0 <= finished.timings.time_to_first_token_seconds <= finished.timings.total_seconds
+
+
+async def test_max_tokens_ends_with_length(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    await stack.worker()
+    events = [e async for e in stack.client(frontend).stream(chat("a b c", max_tokens=2))]
+    assert events_text(events) == "a b"
+    assert events[-1].finished.finish_reason == chat_pb2.FINISH_REASON_LENGTH
+
+
+async def test_unary_chat_returns_the_streamed_text(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    await stack.worker()
+    client = stack.client(frontend)
+
+    streamed = events_text([e async for e in client.stream(chat("same words"))])
+    response = await client.chat(chat("same words"))
+
+    assert response.text == streamed
+    assert response.request_id
+    assert response.finished.finish_reason == chat_pb2.FINISH_REASON_STOP
+
+
+async def test_64_concurrent_streams_all_complete(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    await stack.worker(ScriptedEngine(tokens_per_s=500))
+    client = stack.client(frontend)
+
+    async def one(i: int) -> list[chat_pb2.ChatEvent]:
+        return [e async for e in client.stream(chat(f"stream {i}"))]
+
+    results = await asyncio.gather(*(one(i) for i in range(64)))
+
+    for i, events in enumerate(results):
+        assert_well_formed(events)
+        assert events_text(events).startswith(f"stream {i} w1")
+        assert events[-1].WhichOneof("event") == "finished"
+    request_ids = {events[0].started.request_id for events in results}
+    assert len(request_ids) == 64
+
+
+async def test_worker_coalesces_event_writes(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    worker = await stack.worker(ScriptedEngine(tokens_per_s=0, default_tokens=200), flush_interval_ms=20)
+    client = stack.client(frontend)
+
+    results = await asyncio.gather(*(_collect(client.stream(chat(f"x{i}"))) for i in range(8)))
+
+    deltas = sum(len([e for e in events if e.WhichOneof("event") == "delta"]) for events in results)
+    assert all(events_text(events).split()[-1] == "w199" for events in results)
+    # 8 streams x 200 tokens, written in far fewer round trips than one per token.
+    assert worker.writer.writes < deltas / 10
+
+
+async def test_full_queue_answers_resource_exhausted_with_retry_info(stack: Stack) -> None:
+    frontend = await stack.frontend(max_backlog=3, retry_after_s=0.5)
+    client = stack.client(frontend, max_attempts=1)
+    # No worker yet: three requests wait in the queue and fill it.
+    admitted = [asyncio.create_task(_collect(client.stream(chat(f"queued {i}")))) for i in range(3)]
+    r = redis.Redis.from_url(stack.redis_url)
+    while r.xlen(keys.request_stream("default")) < 3:
+        await asyncio.sleep(0.01)
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _collect(client.stream(chat("one too many")))
+
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retry_delay(refused.value) == pytest.approx(0.5)
+    await stack.worker()
+    for i, task in enumerate(admitted):
+        events = await task
+        assert_well_formed(events)
+        assert events_text(events).startswith(f"queued {i}")
+
+
+async def test_client_retry_waits_out_a_full_queue(stack: Stack) -> None:
+    frontend = await stack.frontend(max_backlog=1, retry_after_s=0.2)
+    client = stack.client(frontend, max_attempts=20)
+    first = asyncio.create_task(_collect(client.stream(chat("first"))))
+    r = redis.Redis.from_url(stack.redis_url)
+    while r.xlen(keys.request_stream("default")) < 1:
+        await asyncio.sleep(0.01)
+    second = asyncio.create_task(client.chat(chat("second")))
+    await asyncio.sleep(0.5)  # the second is being refused and retried meanwhile
+    assert not second.done()
+
+    await stack.worker()
+
+    assert events_text(await first).startswith("first")
+    assert (await second).text.startswith("second")
+
+
+async def test_client_cancel_aborts_the_job_in_the_engine(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    engine = ScriptedEngine(tokens_per_s=50, default_tokens=1000)
+    await stack.worker(engine)
+    client = stack.client(frontend)
+
+    stream = client.stream(chat("long one"))
+    started = await anext(stream)
+    await anext(stream)  # a first delta: the job runs in the engine
+    assert engine.running_count() == 1
+    await stream.aclose()  # the caller goes away
+
+    request_id = started.started.request_id
+    await _eventually(lambda: request_id in engine.aborted_ids)
+    await _eventually(lambda: engine.running_count() == 0)
+
+
+async def test_expired_deadline_never_reaches_the_engine(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    client = stack.client(frontend, max_attempts=1)
+
+    with pytest.raises(grpc.aio.AioRpcError) as expired:
+        await _collect(client.stream(chat("too late"), timeout_s=0.3))
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    engine = ScriptedEngine()
+    await stack.worker(engine)
+    r = redis.Redis.from_url(stack.redis_url)
+    await _eventually(lambda: r.xlen(keys.request_stream("default")) == 0)
+    assert engine.started_ids == []
+
+
+async def test_engine_refusal_becomes_invalid_argument_and_others_complete(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    await stack.worker()
+    client = stack.client(frontend)
+
+    refused, fine = await asyncio.gather(
+        _collect(client.stream(chat("[fail] please"))), _collect(client.stream(chat("fine")))
+    )
+
+    assert refused[-1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert fine[-1].WhichOneof("event") == "finished"
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await client.chat(chat("[fail] again"))
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_get_model_info_describes_the_served_model(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    info = await stack.client(frontend).model_info()
+    assert info.model == "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
+    assert info.context_length == 131072
+    assert info.max_images_per_prompt == 10
+    assert info.supports_tools and info.supports_images
+
+
+async def _collect(stream: object) -> list[chat_pb2.ChatEvent]:
+    return [e async for e in stream]  # type: ignore[attr-defined]
+
+
+async def _eventually(condition: object, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)

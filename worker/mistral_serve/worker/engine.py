@@ -1,0 +1,55 @@
+"""The `Engine` protocol: the one interface between the queue consumer and a model runtime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from mistral_serve.v1 import chat_pb2
+
+EngineFinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineRequestError(Exception):
+    """The request cannot run on this engine (the caller's fault, e.g. over the context length)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    request_id: str
+    chat: chat_pb2.ChatRequest
+    # Tokens this request already streamed on an earlier attempt; generation continues after them.
+    resume_token_ids: tuple[int, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOutput:
+    """What one engine step produced for one request: only what is new since the last output."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    image_tokens: int = 0
+    # Set on the last output of a request, None before.
+    finish_reason: EngineFinishReason | None = None
+
+
+class Engine(Protocol):
+    async def start(self) -> None:
+        """Load the model; return once the engine can generate."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream the outputs of one request. Cancelling the consumer aborts the request."""
+
+    async def abort(self, request_id: str) -> None:
+        """End a request and free its resources. Idempotent; unknown ids are ignored."""
+
+    def is_ready(self) -> bool:
+        """True once loaded and able to generate."""
+
+    def running_count(self) -> int:
+        """Requests the engine holds right now (running or waiting inside the engine)."""
+
+    async def shutdown(self) -> None:
+        """Stop the engine and free its resources."""
