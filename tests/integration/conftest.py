@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ class Stack:
     workers: list[Worker] = field(default_factory=list)
     clients: list[ChatClient] = field(default_factory=list)
 
-    async def frontend(self, **overrides: object) -> Frontend:
+    async def frontend(self, **overrides: Any) -> Frontend:
         settings = replace(
             FrontendSettings(
                 redis_url=self.redis_url,
@@ -38,7 +39,7 @@ class Stack:
         self.frontends.append(frontend)
         return frontend
 
-    async def worker(self, engine: ScriptedEngine | None = None, **overrides: object) -> Worker:
+    async def worker(self, engine: ScriptedEngine | None = None, **overrides: Any) -> Worker:
         settings = replace(
             WorkerSettings(
                 redis_url=self.redis_url,
@@ -53,8 +54,8 @@ class Stack:
         self.workers.append(worker)
         return worker
 
-    def client(self, frontend: Frontend, **kwargs: object) -> ChatClient:
-        client = ChatClient(f"127.0.0.1:{frontend.port}", **kwargs)  # type: ignore[arg-type]
+    def client(self, frontend: Frontend, **kwargs: Any) -> ChatClient:
+        client = ChatClient(f"127.0.0.1:{frontend.port}", **kwargs)
         self.clients.append(client)
         return client
 

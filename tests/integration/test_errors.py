@@ -9,13 +9,15 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from mistral_serve.client import ChatClient
 from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
+from tests.conftest import free_port
 from tests.integration.conftest import Stack
 from tests.support.requests import chat, events_text
 
 
 def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None
     fields = []
     for detail in status.details:
@@ -68,8 +70,6 @@ async def test_count_tokens_without_tokenizer_is_failed_precondition(stack: Stac
 
 
 async def test_redis_down_answers_unavailable(stack: Stack) -> None:
-    from tests.conftest import free_port
-
     stack.redis_url = f"redis://127.0.0.1:{free_port()}/0"
     frontend = await stack.frontend()
     with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -77,5 +77,5 @@ async def test_redis_down_answers_unavailable(stack: Stack) -> None:
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def _collect(client: object, prompt: str) -> list[chat_pb2.ChatEvent]:
-    return [e async for e in client.stream(chat(prompt))]  # type: ignore[attr-defined]
+async def _collect(client: ChatClient, prompt: str) -> list[chat_pb2.ChatEvent]:
+    return [e async for e in client.stream(chat(prompt))]

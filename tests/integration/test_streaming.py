@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -100,9 +101,7 @@ async def test_full_queue_answers_resource_exhausted_with_retry_info(stack: Stac
     client = stack.client(frontend, max_attempts=1)
     # No worker yet: three requests wait in the queue and fill it.
     admitted = [asyncio.create_task(_collect(client.stream(chat(f"queued {i}")))) for i in range(3)]
-    r = redis.Redis.from_url(stack.redis_url)
-    while r.xlen(keys.request_stream("default")) < 3:
-        await asyncio.sleep(0.01)
+    await _eventually(lambda: backlog(stack) == 3)
 
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await _collect(client.stream(chat("one too many")))
@@ -120,9 +119,7 @@ async def test_client_retry_waits_out_a_full_queue(stack: Stack) -> None:
     frontend = await stack.frontend(max_backlog=1, retry_after_s=0.2)
     client = stack.client(frontend, max_attempts=20)
     first = asyncio.create_task(_collect(client.stream(chat("first"))))
-    r = redis.Redis.from_url(stack.redis_url)
-    while r.xlen(keys.request_stream("default")) < 1:
-        await asyncio.sleep(0.01)
+    await _eventually(lambda: backlog(stack) == 1)
     second = asyncio.create_task(client.chat(chat("second")))
     await asyncio.sleep(0.5)  # the second is being refused and retried meanwhile
     assert not second.done()
@@ -164,8 +161,7 @@ async def test_expired_deadline_never_reaches_the_engine(stack: Stack) -> None:
 
     engine = ScriptedEngine()
     await stack.worker(engine)
-    r = redis.Redis.from_url(stack.redis_url)
-    await _eventually(lambda: r.xlen(keys.request_stream("default")) == 0)
+    await _eventually(lambda: backlog(stack) == 0)
     assert engine.started_ids == []
 
 
@@ -194,14 +190,18 @@ async def test_get_model_info_describes_the_served_model(stack: Stack) -> None:
     assert info.supports_tools and info.supports_images
 
 
-async def _collect(stream: object) -> list[chat_pb2.ChatEvent]:
-    return [e async for e in stream]  # type: ignore[attr-defined]
+def backlog(stack: Stack) -> int:
+    return int(redis.Redis.from_url(stack.redis_url).xlen(keys.request_stream("default")))  # type: ignore[arg-type]
 
 
-async def _eventually(condition: object, timeout_s: float = 10.0) -> None:
+async def _collect(stream: AsyncIterator[chat_pb2.ChatEvent]) -> list[chat_pb2.ChatEvent]:
+    return [e async for e in stream]
+
+
+async def _eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout_s
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if loop.time() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -58,7 +58,7 @@ class ChatClient:
 
     async def stream(
         self, request: chat_pb2.ChatRequest, *, timeout_s: float | None = None
-    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+    ) -> AsyncGenerator[chat_pb2.ChatEvent, None]:
         """The request's events. Retried while refused before any event arrived, never after."""
         deadline = time.monotonic() + (timeout_s or self._timeout_s)
         attempt = 0
