@@ -84,4 +84,7 @@ def script_for(
 
 def from_env() -> ScriptedEngine:
     """Factory for `MISTRAL_SERVE_ENGINE=tests.support.scripted_engine:from_env` in worker processes."""
-    return ScriptedEngine(tokens_per_s=float(os.environ.get("SCRIPTED_TOKENS_PER_S", "2000")))
+    return ScriptedEngine(
+        tokens_per_s=float(os.environ.get("SCRIPTED_TOKENS_PER_S", "2000")),
+        default_tokens=int(os.environ.get("SCRIPTED_TOKENS", str(DEFAULT_TOKENS))),
+    )
