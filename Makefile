@@ -16,6 +16,8 @@ TP ?= 1
 
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := common/mistral_serve/v1/chat_pb2.py common/mistral_serve/queue/v1/queue_pb2.py
+GENERATE = $(PY) -m grpc_tools.protoc -I protos --python_out=common --mypy_out=common \
+	--grpc_python_out=common --mypy_grpc_out=common $(PROTOS)
 
 # Keep every cache of vLLM, Hugging Face and torch inside the build tree; never reach a hub.
 export HF_HUB_OFFLINE ?= 1
@@ -29,21 +31,23 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install_system_deps.sh
+# The package's layout maps generated folders, so the code generator is installed and run before it.
+$(VENV)/.installed: pyproject.toml scripts/install_system_deps.sh $(PROTOS)
 	scripts/install_system_deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@# The local wheel store has the +cpu torch on our build machines; elsewhere PyTorch's index does.
 	$(if $(filter engine-cpu,$(ENGINE_EXTRA)),$(PIP) install -q "torch==$(TORCH_VERSION)" || \
 		$(PIP) install -q --extra-index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)")
+	$(PIP) install -q "grpcio-tools>=1.70,<2" "mypy-protobuf>=3.6,<5"
+	$(GENERATE)
 	$(PIP) install -q -e ".[dev,$(ENGINE_EXTRA)]"
 	touch $@
 
 protos: $(GENERATED)
 
 $(GENERATED) &: $(PROTOS) $(VENV)/.installed
-	$(PY) -m grpc_tools.protoc -I protos --python_out=common --mypy_out=common \
-		--grpc_python_out=common --mypy_grpc_out=common $(PROTOS)
+	$(GENERATE)
 	cd protos && buf lint
 
 tiny-model: setup
