@@ -1,0 +1,247 @@
+{{/* Names and labels. */}}
+
+{{- define "mistral-serve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The prefix of every object; component suffixes (-frontend, -worker, -redis) keep names under 63. */}}
+{{- define "mistral-serve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 48 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 48 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 48 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mistral-serve.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component: (dict "ctx" $ "component" "frontend"). */}}
+{{- define "mistral-serve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mistral-serve.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* All labels of one component's objects: (dict "ctx" $ "component" "frontend"). */}}
+{{- define "mistral-serve.labels" -}}
+helm.sh/chart: {{ include "mistral-serve.chart" .ctx }}
+{{ include "mistral-serve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: mistral-serve
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end }}
+
+{{- define "mistral-serve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mistral-serve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* An image reference: (dict "ctx" $ "image" .Values.frontend.image). */}}
+{{- define "mistral-serve.image" -}}
+{{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) }}
+{{- end }}
+
+{{/* Redis. */}}
+
+{{- define "mistral-serve.redisHost" -}}
+{{- printf "%s-redis" (include "mistral-serve.fullname" .) }}
+{{- end }}
+
+{{- define "mistral-serve.redisCAPath" -}}
+/etc/mistral-serve/redis-ca/ca.crt
+{{- end }}
+
+{{/*
+The URL both processes connect to (MISTRAL_SERVE_REDIS_URL). A CA bundle for an external rediss://
+Redis travels as redis-py's `ssl_ca_certs` URL option, so no extra setting is needed.
+*/}}
+{{- define "mistral-serve.redisUrl" -}}
+{{- if .Values.redis.internal.enabled }}
+{{- printf "redis://%s:%d/0" (include "mistral-serve.redisHost" .) (int .Values.redis.internal.port) }}
+{{- else }}
+{{- $url := .Values.redis.external.url }}
+{{- if .Values.redis.external.tlsCASecret.name }}
+{{- $sep := ternary "&" "?" (contains "?" $url) }}
+{{- printf "%s%sssl_ca_certs=%s" $url $sep (include "mistral-serve.redisCAPath" .) }}
+{{- else }}
+{{- $url }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Environment both processes share: Redis, pool, logs, event retention, pod identity. */}}
+{{- define "mistral-serve.commonEnv" -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: MISTRAL_SERVE_REDIS_URL
+  value: {{ include "mistral-serve.redisUrl" . | quote }}
+{{- if and (not .Values.redis.internal.enabled) .Values.redis.external.passwordSecret.name }}
+- name: MISTRAL_SERVE_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.external.passwordSecret.name }}
+      key: {{ .Values.redis.external.passwordSecret.key }}
+{{- end }}
+- name: MISTRAL_SERVE_POOL
+  value: {{ .Values.pool | quote }}
+- name: MISTRAL_SERVE_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+- name: MISTRAL_SERVE_EVENT_TTL_S
+  value: {{ int .Values.eventTTLSeconds | quote }}
+{{- end }}
+
+{{/* OpenTelemetry environment of one component: (dict "ctx" $ "component" "frontend"). */}}
+{{- define "mistral-serve.otelEnv" -}}
+{{- $otel := .ctx.Values.otel }}
+{{- if $otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $otel.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ $otel.protocol | quote }}
+{{- end }}
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "mistral-serve-%s" .component | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $otel.sampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $otel.samplerArg | quote }}
+{{- $attrs := list "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" }}
+{{- range $k, $v := $otel.resourceAttributes }}
+{{- $attrs = append $attrs (printf "%s=%s" $k $v) }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ join "," $attrs | quote }}
+{{- end }}
+
+{{/* Volumes and mounts for the external Redis CA bundle. */}}
+{{- define "mistral-serve.redisCAVolume" -}}
+{{- if and (not .Values.redis.internal.enabled) .Values.redis.external.tlsCASecret.name }}
+- name: redis-ca
+  secret:
+    secretName: {{ .Values.redis.external.tlsCASecret.name }}
+    items:
+      - key: {{ .Values.redis.external.tlsCASecret.key }}
+        path: ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "mistral-serve.redisCAVolumeMount" -}}
+{{- if and (not .Values.redis.internal.enabled) .Values.redis.external.tlsCASecret.name }}
+- name: redis-ca
+  mountPath: {{ include "mistral-serve.redisCAPath" . | dir }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* A gRPC probe: (dict "port" 50051 "service" "" "timing" .Values.frontend.probes.liveness). */}}
+{{- define "mistral-serve.grpcProbe" -}}
+grpc:
+  port: {{ .port }}
+  service: {{ .service | quote }}
+{{ toYaml .timing }}
+{{- end }}
+
+{{/* Frontend. */}}
+
+{{- define "mistral-serve.frontendTerminationGrace" -}}
+{{- add .Values.frontend.preStopSleepSeconds .Values.frontend.drainGraceSeconds .Values.frontend.terminationGraceMarginSeconds }}
+{{- end }}
+
+{{/* The kubelet's gRPC probe speaks no TLS: with TLS on, probes use the plain-text health port. */}}
+{{- define "mistral-serve.frontendProbePort" -}}
+{{- if .Values.frontend.tls.enabled }}
+{{- .Values.frontend.healthPort }}
+{{- else }}
+{{- .Values.frontend.grpcPort }}
+{{- end }}
+{{- end }}
+
+{{- define "mistral-serve.apiKeysSecret" -}}
+{{- default (printf "%s-api-keys" (include "mistral-serve.fullname" .)) .Values.frontend.auth.existingSecret }}
+{{- end }}
+
+{{/* Worker. */}}
+
+{{- define "mistral-serve.workerTerminationGrace" -}}
+{{- add .Values.worker.drainGraceSeconds .Values.worker.terminationGraceMarginSeconds }}
+{{- end }}
+
+{{/* Worker resources with the GPU count taken from the tensor parallel size, so they never disagree. */}}
+{{- define "mistral-serve.workerResources" -}}
+{{- $gpus := dict .Values.worker.gpuResourceName (int .Values.worker.engine.tensorParallelSize) }}
+{{- $res := deepCopy .Values.worker.resources }}
+{{- $_ := set $res "limits" (merge (deepCopy $gpus) (default dict $res.limits)) }}
+{{- $_ = set $res "requests" (merge (deepCopy $gpus) (default dict $res.requests)) }}
+{{- toYaml $res }}
+{{- end }}
+
+{{- define "mistral-serve.modelCacheClaim" -}}
+{{- default (printf "%s-model-cache" (include "mistral-serve.fullname" .)) .Values.worker.modelCache.pvc.existingClaim }}
+{{- end }}
+
+{{/* The request stream of the pool, as the Python code names it. */}}
+{{- define "mistral-serve.requestStream" -}}
+{{- printf "mistral_serve:%s:requests" .Values.pool }}
+{{- end }}
+
+{{/* KEDA: where its redis-streams scaler finds the stream. */}}
+
+{{- define "mistral-serve.kedaAddress" -}}
+{{- if .Values.redis.internal.enabled }}
+{{- printf "%s.%s.svc:%d" (include "mistral-serve.redisHost" .) .Release.Namespace (int .Values.redis.internal.port) }}
+{{- else }}
+{{- $u := urlParse .Values.redis.external.url }}
+{{- if contains ":" $u.host }}
+{{- $u.host }}
+{{- else }}
+{{- printf "%s:6379" $u.host }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mistral-serve.kedaDatabase" -}}
+{{- if .Values.redis.internal.enabled }}
+{{- "0" }}
+{{- else }}
+{{- default "0" (trimPrefix "/" (urlParse .Values.redis.external.url).path) }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the external Redis speaks TLS. */}}
+{{- define "mistral-serve.redisTLS" -}}
+{{- if and (not .Values.redis.internal.enabled) (eq (urlParse .Values.redis.external.url).scheme "rediss") }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{/* KEDA needs a TriggerAuthentication for a password or a private CA. */}}
+{{- define "mistral-serve.kedaNeedsAuth" -}}
+{{- if and (not .Values.redis.internal.enabled) (or .Values.redis.external.passwordSecret.name .Values.redis.external.tlsCASecret.name) }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{/* A Deployment strategy; rollingUpdate only with RollingUpdate (the API refuses it with Recreate). */}}
+{{- define "mistral-serve.strategy" -}}
+type: {{ .type }}
+{{- if and (eq .type "RollingUpdate") .rollingUpdate }}
+rollingUpdate:
+  {{- toYaml .rollingUpdate | nindent 2 }}
+{{- end }}
+{{- end }}
