@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -93,3 +94,48 @@ def subprocess_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+class Processes:
+    """Frontends and workers as real processes (`python -m mistral_serve.<kind>`), stopped by PID."""
+
+    def __init__(self, redis_url: str, env: dict[str, str]) -> None:
+        self.redis_url = redis_url
+        self.env = env
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, kind: str, **settings: str) -> tuple[subprocess.Popen[bytes], int]:
+        """Start a frontend or worker; return it and its gRPC (frontend) or health (worker) port."""
+        port = free_port()
+        env = {
+            **self.env,
+            "MISTRAL_SERVE_REDIS_URL": self.redis_url,
+            "MISTRAL_SERVE_GRPC_HOST": "127.0.0.1",
+            "MISTRAL_SERVE_HEALTH_HOST": "127.0.0.1",
+            "MISTRAL_SERVE_GRPC_PORT" if kind == "frontend" else "MISTRAL_SERVE_HEALTH_PORT": str(port),
+            "MISTRAL_SERVE_ENGINE": "tests.support.scripted_engine:from_env",
+            "MISTRAL_SERVE_LOG_FORMAT": "json",
+        }
+        env.update(
+            {
+                key if key.isupper() else f"MISTRAL_SERVE_{key.upper()}": value
+                for key, value in settings.items()
+            }
+        )
+        process = subprocess.Popen([sys.executable, "-m", f"mistral_serve.{kind}"], env=env)
+        self.started.append(process)
+        return process, port
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+        for process in self.started:
+            process.wait(timeout=30)
+
+
+@pytest.fixture
+def processes(redis_url: str, subprocess_env: dict[str, str]) -> Iterator[Processes]:
+    started = Processes(redis_url, subprocess_env)
+    yield started
+    started.stop_all()

@@ -49,7 +49,10 @@ class ScriptedEngine:
         self._running.add(request.request_id)
         prompt_tokens = sum(len(part.text.split()) for m in request.chat.messages for part in m.content)
         try:
+            # A resumed request continues after the tokens it already streamed.
             for i, word in enumerate(words):
+                if i < len(request.resume_token_ids):
+                    continue
                 if self.interval_s:
                     await asyncio.sleep(self.interval_s)
                 if request.request_id not in self._running:

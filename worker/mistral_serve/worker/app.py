@@ -81,6 +81,8 @@ async def start_worker(settings: WorkerSettings, engine: Engine) -> Worker:
         consumer_name=settings.consumer_name,
         max_inflight=settings.max_inflight,
         block_ms=settings.block_ms,
+        lease_ms=settings.lease_ms,
+        max_attempts=settings.max_attempts,
     )
     await consumer.ensure_group()
     tasks = [
@@ -88,6 +90,7 @@ async def start_worker(settings: WorkerSettings, engine: Engine) -> Worker:
         loop.create_task(writer.run()),
         loop.create_task(consumer.listen_for_cancels()),
         loop.create_task(consumer.run()),
+        loop.create_task(consumer.run_leases()),
     ]
     log.info(
         "worker %s serving pool %s, %d jobs at once",

@@ -1,7 +1,8 @@
 """The worker's queue consumer: claims up to N jobs from the pool's stream and runs them at once.
 
 Each job ends with exactly one terminal event, written before the entry is acked and deleted
-(deleting keeps the stream's length equal to the pool's backlog, which admission reads).
+(deleting keeps the stream's length equal to the pool's backlog, which admission reads). A job
+whose worker was lost is claimed here once its lease lapsed and resumed after what it streamed.
 """
 
 from __future__ import annotations
@@ -21,9 +22,19 @@ from mistral_serve.v1 import chat_pb2
 
 from .engine import Engine, EngineRequestError
 from .events import EventWriter
-from .jobs import error_event, generate_events
+from .jobs import Resume, error_event, generate_events
+from .leases import Leases
 
 log = logging.getLogger(__name__)
+
+# Why a running job was stopped.
+CANCELLED = "cancelled"
+DEADLINE = "deadline"
+LEASE_LOST = "lease lost"
+
+
+class _LeaseLost(Exception):
+    """Another worker took this job over: this one must neither write nor ack anything more."""
 
 
 class Consumer:
@@ -37,6 +48,8 @@ class Consumer:
         consumer_name: str,
         max_inflight: int,
         block_ms: int,
+        lease_ms: int = 15000,
+        max_attempts: int = 3,
     ) -> None:
         self._redis = client
         self._engine = engine
@@ -46,13 +59,18 @@ class Consumer:
         self._name = consumer_name
         self._max_inflight = max_inflight
         self._block_ms = block_ms
+        self._max_attempts = max_attempts
+        self.leases = Leases(client, pool=pool, consumer_name=consumer_name, lease_ms=lease_ms)
         # request id -> the task generating it
         self._running: dict[str, asyncio.Task[chat_pb2.ChatEvent]] = {}
-        # request id -> why it was stopped ("cancelled" or "deadline")
+        # request id -> why it was stopped
         self._stop_reasons: dict[str, str] = {}
-        self._jobs: set[asyncio.Task[None]] = set()
+        # job task -> its stream entry id, for leases
+        self._jobs: dict[asyncio.Task[None], bytes] = {}
+        self._request_of_entry: dict[bytes, str] = {}
         self._slot_free = asyncio.Event()
         self._claiming = True
+        self.resumed = 0  # jobs taken over from lost workers, for tests and metrics
 
     @property
     def inflight(self) -> int:
@@ -67,13 +85,11 @@ class Consumer:
                 raise
 
     async def run(self) -> None:
-        """Claim and start jobs until `stop_claiming`; Redis errors are retried with backoff."""
+        """Claim and start new jobs until `stop_claiming`; Redis errors are retried with backoff."""
         backoff = 0.05
         while self._claiming:
-            free = self._max_inflight - len(self._jobs)
-            if free <= 0:
-                self._slot_free.clear()
-                await self._slot_free.wait()
+            free = await self._wait_for_slots()
+            if not free:
                 continue
             try:
                 reply = await self._redis.xreadgroup(
@@ -85,26 +101,44 @@ class Consumer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 with contextlib.suppress(RedisError):
-                    await self.ensure_group()
+                    await self.ensure_group()  # Redis may have restarted empty
                 continue
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
-                    self._start(entry_id, fields)
+                    self._start(entry_id, fields, claimed=False)
+
+    async def run_leases(self) -> None:
+        """Renew the leases of running jobs and take over jobs whose lease lapsed elsewhere."""
+        interval_s = self.leases.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self._renew()
+                if self._claiming and (free := self._max_inflight - len(self._jobs)) > 0:
+                    for entry_id, fields in await self.leases.claim_lapsed(free):
+                        self._start(entry_id, fields, claimed=True)
+            except RedisError as exc:
+                log.warning("lease upkeep failed: %s", exc)
 
     def stop_claiming(self) -> None:
         self._claiming = False
         self._slot_free.set()
 
     async def drain(self, grace_s: float) -> None:
-        """Let running jobs finish for `grace_s`; stop the rest unacked, for another worker to claim."""
+        """Let running jobs finish for `grace_s`, then stop the rest and hand them to other workers."""
         self.stop_claiming()
         if self._jobs:
             await asyncio.wait(set(self._jobs), timeout=grace_s)
-        for task in list(self._jobs):
+        unfinished = dict(self._jobs)
+        for task in unfinished:
             task.cancel()
-        for task in list(self._jobs):
+        for task in unfinished:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if unfinished:
+            with contextlib.suppress(RedisError):
+                await self.leases.hand_back(list(unfinished.values()))
+            log.info("handed %d unfinished jobs to other workers", len(unfinished))
 
     async def listen_for_cancels(self) -> None:
         """Abort running jobs whose request a frontend cancelled."""
@@ -114,7 +148,7 @@ class Consumer:
                     await pubsub.subscribe(self._cancel_channel)
                     async for message in pubsub.listen():
                         if message["type"] == "message":
-                            self.stop(message["data"].decode(), "cancelled")
+                            self.stop(message["data"].decode(), CANCELLED)
             except RedisError as exc:
                 log.warning("cancel listener lost Redis (%s); resubscribing", exc)
                 await asyncio.sleep(0.5)
@@ -125,33 +159,82 @@ class Consumer:
             self._stop_reasons[request_id] = reason
             task.cancel()
 
-    def _start(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        job = asyncio.get_running_loop().create_task(self._job(entry_id, fields))
-        self._jobs.add(job)
+    async def _wait_for_slots(self) -> int:
+        while self._claiming and (free := self._max_inflight - len(self._jobs)) <= 0:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+        return free if self._claiming else 0
+
+    async def _renew(self) -> None:
+        for lost in await self.leases.refresh(list(self._jobs.values())):
+            request_id = self._request_of_entry.get(lost)
+            if request_id is not None:
+                log.warning("lost the lease of request %s to another worker", request_id)
+                self.stop(request_id, LEASE_LOST)
+
+    def _start(self, entry_id: bytes, fields: dict[bytes, bytes] | None, *, claimed: bool) -> None:
+        job = asyncio.get_running_loop().create_task(self._job(entry_id, fields, claimed=claimed))
+        self._jobs[job] = entry_id
         job.add_done_callback(self._job_done)
 
     def _job_done(self, job: asyncio.Task[None]) -> None:
-        self._jobs.discard(job)
+        self._jobs.pop(job, None)
         self._slot_free.set()
         if not job.cancelled() and job.exception() is not None:
             log.error("job failed outside its error handling", exc_info=job.exception())
 
-    async def _job(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _job(self, entry_id: bytes, fields: dict[bytes, bytes] | None, *, claimed: bool) -> None:
         try:
-            queued = queue_pb2.QueuedRequest.FromString(fields[keys.REQUEST_FIELD.encode()])
+            raw = (fields or {})[keys.REQUEST_FIELD.encode()]
+            queued = queue_pb2.QueuedRequest.FromString(raw)
         except Exception:
             log.error("dropping unreadable queue entry %s", entry_id)
             await self._ack(entry_id)
             return
         request_id = queued.request_id
+        self._request_of_entry[entry_id] = request_id
+        try:
+            terminal = await self._terminal_event(entry_id, queued, claimed=claimed)
+            if terminal is not None:
+                await self._writer.emit_final(request_id, terminal)
+            await self._ack(entry_id)
+        except _LeaseLost:
+            return
+        finally:
+            self._request_of_entry.pop(entry_id, None)
+
+    async def _terminal_event(
+        self, entry_id: bytes, queued: queue_pb2.QueuedRequest, *, claimed: bool
+    ) -> chat_pb2.ChatEvent | None:
+        """Run the job if it should run; its terminal event, or None when one was written already."""
+        resume: Resume | None = None
+        if claimed:
+            attempts = await self.leases.delivery_count(entry_id)
+            resume = await self._read_resume(queued.request_id)
+            if resume.finished:
+                return None  # the lost worker wrote the end but died before its ack
+            if attempts > self._max_attempts:
+                return error_event(
+                    code_pb2.UNAVAILABLE,
+                    f"the request was started {attempts - 1} times and each time its worker was lost",
+                    retryable=True,
+                )
+            self.resumed += 1
+            log.info(
+                "resuming request %s after %d tokens (run %d)",
+                queued.request_id,
+                len(resume.token_ids),
+                attempts,
+            )
         skip = await self._why_skip(queued)
         if skip is not None:
-            await self._writer.emit_final(request_id, skip)
-            await self._ack(entry_id)
-            return
-        terminal = await self._generate(queued)
-        await self._writer.emit_final(request_id, terminal)
-        await self._ack(entry_id)
+            return skip
+        return await self._generate(queued, resume)
+
+    async def _read_resume(self, request_id: str) -> Resume:
+        entries = await self._redis.xrange(keys.events_stream(request_id))
+        records = [queue_pb2.EventRecord.FromString(f[keys.EVENT_FIELD.encode()]) for _, f in entries]
+        return Resume.from_records(records)
 
     async def _why_skip(self, queued: queue_pb2.QueuedRequest) -> chat_pb2.ChatEvent | None:
         """The terminal event of a job that must not reach the engine, or None to run it."""
@@ -163,25 +246,27 @@ class Consumer:
             return error_event(code_pb2.CANCELLED, "the request was cancelled before it started")
         return None
 
-    async def _generate(self, queued: queue_pb2.QueuedRequest) -> chat_pb2.ChatEvent:
+    async def _generate(self, queued: queue_pb2.QueuedRequest, resume: Resume | None) -> chat_pb2.ChatEvent:
         request_id = queued.request_id
         loop = asyncio.get_running_loop()
-        task = loop.create_task(generate_events(self._engine, self._writer, queued))
+        task = loop.create_task(generate_events(self._engine, self._writer, queued, resume))
         self._running[request_id] = task
         deadline = loop.call_later(
-            max(queued.deadline_unix - time.time(), 0.0), self.stop, request_id, "deadline"
+            max(queued.deadline_unix - time.time(), 0.0), self.stop, request_id, DEADLINE
         )
         try:
             # A cancel that arrived between the skip check and registering the task.
             if await self._redis.exists(keys.cancel_flag(request_id)):
-                self.stop(request_id, "cancelled")
+                self.stop(request_id, CANCELLED)
             return await task
         except asyncio.CancelledError:
             reason = self._stop_reasons.pop(request_id, None)
             if reason is None or not task.cancelled():
                 raise  # this worker is stopping: leave the job unacked for another one
             await self._engine.abort(request_id)
-            if reason == "deadline":
+            if reason == LEASE_LOST:
+                raise _LeaseLost() from None
+            if reason == DEADLINE:
                 return error_event(code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed")
             return error_event(code_pb2.CANCELLED, "the request was cancelled")
         except EngineRequestError as exc:

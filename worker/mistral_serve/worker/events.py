@@ -3,7 +3,8 @@
 A request's first delta and its terminal event are written at once (time to first token and the
 end of a stream are what callers feel); the deltas in between wait up to the flush interval, or
 until a request has `max_events` pending, so the worker makes a few writes per engine step
-instead of one per token.
+instead of one per token. Each record also carries the engine output its events were made from
+(token ids, raw text), which is what a worker taking over a lost job resumes from.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -22,23 +25,52 @@ from mistral_serve.v1 import chat_pb2
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class _Pending:
+    events: list[chat_pb2.ChatEvent] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    raw_text: list[str] = field(default_factory=list)
+
+    def record(self) -> queue_pb2.EventRecord:
+        return queue_pb2.EventRecord(
+            events=self.events, token_ids=self.token_ids, raw_text="".join(self.raw_text)
+        )
+
+    def prepend(self, earlier: _Pending) -> None:
+        self.events[:0] = earlier.events
+        self.token_ids[:0] = earlier.token_ids
+        self.raw_text[:0] = earlier.raw_text
+
+
 class EventWriter:
     def __init__(self, client: redis.Redis, *, ttl_s: int, interval_s: float, max_events: int) -> None:
         self._redis = client
         self._ttl_s = ttl_s
         self._interval_s = interval_s
         self._max_events = max_events
-        self._pending: dict[str, list[chat_pb2.ChatEvent]] = {}
+        self._pending: dict[str, _Pending] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._has_data = asyncio.Event()
         self._urgent = asyncio.Event()
         self.writes = 0  # round trips made, for tests and benchmarks
 
-    def emit(self, request_id: str, event: chat_pb2.ChatEvent, *, urgent: bool = False) -> None:
-        pending = self._pending.setdefault(request_id, [])
-        pending.append(event)
+    def emit(
+        self,
+        request_id: str,
+        event: chat_pb2.ChatEvent,
+        *,
+        urgent: bool = False,
+        token_ids: Iterable[int] = (),
+        raw_text: str = "",
+    ) -> None:
+        """Queue `event`, made from engine output `token_ids`/`raw_text`, for the next write."""
+        pending = self._pending.setdefault(request_id, _Pending())
+        pending.events.append(event)
+        pending.token_ids.extend(token_ids)
+        if raw_text:
+            pending.raw_text.append(raw_text)
         self._has_data.set()
-        if urgent or len(pending) >= self._max_events:
+        if urgent or len(pending.events) >= self._max_events:
             self._urgent.set()
 
     async def emit_final(self, request_id: str, event: chat_pb2.ChatEvent) -> None:
@@ -72,22 +104,19 @@ class EventWriter:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    def _requeue(
-        self, batch: dict[str, list[chat_pb2.ChatEvent]], waiters: list[asyncio.Future[None]]
-    ) -> None:
+    def _requeue(self, batch: dict[str, _Pending], waiters: list[asyncio.Future[None]]) -> None:
         """Put a failed batch back in front of what arrived meanwhile, keeping each request's order."""
-        for request_id, events in batch.items():
-            self._pending[request_id] = events + self._pending.get(request_id, [])
+        for request_id, earlier in batch.items():
+            self._pending.setdefault(request_id, _Pending()).prepend(earlier)
         self._waiters = waiters + self._waiters
         self._has_data.set()
         self._urgent.set()
 
-    async def _write(self, batch: dict[str, list[chat_pb2.ChatEvent]]) -> None:
+    async def _write(self, batch: dict[str, _Pending]) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
-            for request_id, events in batch.items():
+            for request_id, pending in batch.items():
                 stream = keys.events_stream(request_id)
-                record = queue_pb2.EventRecord(events=events)
-                pipe.xadd(stream, {keys.EVENT_FIELD: record.SerializeToString()})
+                pipe.xadd(stream, {keys.EVENT_FIELD: pending.record().SerializeToString()})
                 pipe.expire(stream, self._ttl_s)
             await pipe.execute()
         self.writes += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
@@ -18,31 +19,84 @@ _FINISH_REASONS: dict[EngineFinishReason, chat_pb2.FinishReason.ValueType] = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What an earlier run of a request already streamed, read back from its event records."""
+
+    sequence: int = 0
+    token_ids: tuple[int, ...] = ()
+    raw_text: str = ""
+    # The earlier run already wrote a terminal event: only the ack is missing.
+    finished: bool = False
+
+    @classmethod
+    def from_records(cls, records: list[queue_pb2.EventRecord]) -> Resume:
+        sequence = 0
+        token_ids: list[int] = []
+        raw: list[str] = []
+        finished = False
+        for record in records:
+            token_ids.extend(record.token_ids)
+            raw.append(record.raw_text)
+            for event in record.events:
+                kind = event.WhichOneof("event")
+                if kind == "delta":
+                    sequence = max(sequence, event.delta.sequence)
+                elif kind in ("finished", "error"):
+                    finished = True
+        return cls(sequence, tuple(token_ids), "".join(raw), finished)
+
+
+@dataclass(slots=True)
+class _Unsent:
+    """Engine output fed to the parser since the last delta went out."""
+
+    token_ids: list[int] = field(default_factory=list)
+    raw_text: list[str] = field(default_factory=list)
+
+
 async def generate_events(
-    engine: Engine, writer: EventWriter, queued: queue_pb2.QueuedRequest
+    engine: Engine, writer: EventWriter, queued: queue_pb2.QueuedRequest, resume: Resume | None = None
 ) -> chat_pb2.ChatEvent:
-    """Stream `queued`'s deltas through `writer`; return the `finished` event (not yet written)."""
+    """Stream `queued`'s deltas through `writer`; return the `finished` event (not yet written).
+
+    With `resume`, the engine continues after the tokens already streamed, the parser is brought to
+    the state it had then (by feeding it the raw text again, its output dropped: the caller has it),
+    and sequence numbers go on from the last one sent.
+    """
+    resume = resume or Resume()
     request_id = queued.request_id
     started_at = time.time()
     parser = ToolCallStreamParser()
-    sequence = 0
-    unsent_tokens = 0
-    usage = chat_pb2.Usage()
+    parser.feed(resume.raw_text)
+    sequence = resume.sequence
+    unsent = _Unsent()
+    usage = chat_pb2.Usage(completion_tokens=len(resume.token_ids))
     first_token_at: float | None = None
     reason: EngineFinishReason = "stop"
 
     def emit(text: str, calls: list[chat_pb2.FunctionCallDelta]) -> None:
-        nonlocal sequence, unsent_tokens
+        nonlocal sequence, unsent
         sequence += 1
-        delta = chat_pb2.Delta(sequence=sequence, text=text, tool_calls=calls, token_count=unsent_tokens)
-        unsent_tokens = 0
-        writer.emit(request_id, chat_pb2.ChatEvent(delta=delta), urgent=sequence == 1)
+        delta = chat_pb2.Delta(
+            sequence=sequence, text=text, tool_calls=calls, token_count=len(unsent.token_ids)
+        )
+        writer.emit(
+            request_id,
+            chat_pb2.ChatEvent(delta=delta),
+            urgent=sequence == 1,
+            token_ids=unsent.token_ids,
+            raw_text="".join(unsent.raw_text),
+        )
+        unsent = _Unsent()
 
-    async for out in engine.generate(EngineRequest(request_id, queued.request)):
+    engine_request = EngineRequest(request_id, queued.request, resume_token_ids=resume.token_ids)
+    async for out in engine.generate(engine_request):
         usage.prompt_tokens = out.prompt_tokens
         usage.image_tokens = out.image_tokens
         usage.completion_tokens += len(out.token_ids)
-        unsent_tokens += len(out.token_ids)
+        unsent.token_ids.extend(out.token_ids)
+        unsent.raw_text.append(out.text)
         if first_token_at is None and out.token_ids:
             first_token_at = time.time()
         text, calls = parser.feed(out.text)

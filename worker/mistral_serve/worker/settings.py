@@ -31,7 +31,12 @@ class WorkerSettings:
     # gRPC health server: "" answers liveness, "mistral_serve.worker" readiness.
     health_host: str = "[::]"
     health_port: int = 50052
-    # How long one XREADGROUP waits for new requests.
+    # A running job's lease: refreshed every third of it; a job whose lease lapsed (its worker was
+    # lost) is claimed by another worker, which resumes it after the tokens already streamed.
+    lease_ms: int = 15000
+    # Runs of one request (first run plus resumes) before it ends with an error.
+    max_attempts: int = 3
+    # How one XREADGROUP waits for new requests.
     block_ms: int = 1000
     # "vllm", or "package.module:factory" for a callable returning an Engine.
     engine: str = "vllm"
@@ -53,6 +58,8 @@ class WorkerSettings:
             health_host=env_str("HEALTH_HOST", cls.health_host),
             health_port=env_int("HEALTH_PORT", cls.health_port, minimum=0),
             block_ms=env_int("BLOCK_MS", cls.block_ms, minimum=1),
+            lease_ms=env_int("LEASE_MS", cls.lease_ms, minimum=100),
+            max_attempts=env_int("MAX_ATTEMPTS", cls.max_attempts, minimum=1),
             engine=env_str("ENGINE", cls.engine),
             log_format=env_str("LOG_FORMAT", cls.log_format),
         )
