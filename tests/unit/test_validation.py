@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import io
+
 import pytest
+from PIL import Image
 
 from mistral_serve.frontend.errors import InvalidRequest
 from mistral_serve.frontend.validation import DEFAULT_TEMPERATURE, apply_defaults, validate_chat_request
@@ -23,6 +27,13 @@ def req(*messages: R.Message, **fields: object) -> R.ChatRequest:
     return R.ChatRequest(messages=list(messages), **fields)  # type: ignore[arg-type]
 
 
+def _png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 6), "red").save(out, format="PNG")
+    return out.getvalue()
+
+
+PNG = _png()
 TOOL = R.Tool(name="get_weather", parameters_json_schema='{"type": "object"}')
 
 BAD: list[tuple[str, R.ChatRequest, str]] = [
@@ -113,7 +124,7 @@ GOOD = [
     req(user()),
     req(
         R.Message(role=R.ROLE_SYSTEM, content=[text("be brief")]),
-        user(R.ContentPart(image_url="https://a/b.png")),
+        user(R.ContentPart(image_url="data:image/png;base64," + base64.b64encode(PNG).decode())),
     ),
     req(user(), R.Message(role=R.ROLE_ASSISTANT, content=[text("Sure")], prefix=True)),
     req(

@@ -7,13 +7,26 @@ import uvloop
 from mistral_serve.common.logs import configure
 
 from .server import serve
+from .servicer import TokenCounter
 from .settings import FrontendSettings
 
 
 def main() -> None:
     settings = FrontendSettings.from_env()
     configure(settings.log_format)
-    uvloop.run(serve(settings))
+    uvloop.run(serve(settings, token_counter(settings)))
+
+
+def token_counter(settings: FrontendSettings) -> TokenCounter | None:
+    """The model's token counter when MISTRAL_SERVE_TOKENIZER names its tekken.json; else CountTokens
+    answers FAILED_PRECONDITION and the token budget is left to the worker."""
+    if settings.tokenizer_path is None:
+        return None
+    from .token_count import TokenCounter as Counter  # loads mistral_common's tokenizer: only when used
+
+    return Counter.from_tokenizer_file(
+        settings.tokenizer_path, model_name=settings.model_name, max_images=settings.max_images_per_prompt
+    )
 
 
 if __name__ == "__main__":

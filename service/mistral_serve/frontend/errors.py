@@ -49,6 +49,18 @@ class InvalidRequest(ServiceError):
         return [bad]
 
 
+class Unauthenticated(ServiceError):
+    """No credentials, or credentials the service does not know: the caller is nobody yet."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    """The caller is known, but may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class QueueFull(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -97,7 +109,8 @@ def grpc_code(code: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: Exception) -> NoReturn:
+    """End the RPC with the status of `error` (INTERNAL for anything that is not a ServiceError)."""
     if not isinstance(error, ServiceError):
         log.exception("unexpected error in handler", exc_info=error)
         error = ServiceError("internal error")
@@ -118,11 +131,11 @@ def unary_errors(
         try:
             return await handler(self, request, context)
         except ServiceError as error:
-            await _abort(context, error)
+            await abort(context, error)
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
-            await _abort(context, error)
+            await abort(context, error)
 
     return wrapper
 
@@ -138,10 +151,10 @@ def stream_errors(
             async for item in handler(self, request, context):
                 yield item
         except ServiceError as error:
-            await _abort(context, error)
+            await abort(context, error)
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
-            await _abort(context, error)
+            await abort(context, error)
 
     return wrapper

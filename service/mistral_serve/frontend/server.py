@@ -16,11 +16,16 @@ from grpc_reflection.v1alpha import reflection
 from mistral_serve.common.redis_client import connect
 from mistral_serve.v1 import chat_pb2_grpc
 
+from .auth import AuthInterceptor, KeyStore
+from .decoding import DecodeGuard
 from .fanout import EventFanout
 from .health import READINESS_SERVICE, FrontendHealth
+from .idempotency import Idempotency
+from .image_urls import FetchPolicy, ImageFetcher
 from .queue import RequestQueue
 from .servicer import ChatServicer, TokenCounter
 from .settings import FrontendSettings
+from .validation import Limits
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +41,19 @@ class Frontend:
     health: FrontendHealth
     fanout: EventFanout
     tasks: list[asyncio.Task[None]]
+    # Plain-text health-only server, when TLS is on and a health port is set.
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
+    fetcher: ImageFetcher | None = None
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: readiness NOT_SERVING, no new RPCs, open streams get `grace_s` to finish."""
         await self.health.drain()
         await self.server.stop(self.settings.drain_grace_s if grace_s is None else grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        if self.fetcher is not None:
+            await self.fetcher.close()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -61,14 +74,19 @@ async def start_frontend(settings: FrontendSettings, token_counter: TokenCounter
         cancel_ttl_s=settings.event_ttl_s,
     )
     health = FrontendHealth(client, settings.health_interval_s)
+    auth = auth_interceptor(settings)
     server = grpc.aio.server(
+        interceptors=[auth, DecodeGuard((f"/{READINESS_SERVICE}/",))],
         options=[
+            # On purpose: the whole request, images included, is held in memory and stored in Redis.
             ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
+    fetcher = image_fetcher(settings)
+    idempotency = Idempotency(client, ttl_s=settings.idempotency_ttl_s)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(
-        ChatServicer(settings, queue, fanout, token_counter), server
+        ChatServicer(settings, queue, fanout, token_counter, fetcher=fetcher, idempotency=idempotency), server
     )
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
@@ -79,13 +97,78 @@ async def start_frontend(settings: FrontendSettings, token_counter: TokenCounter
         ],
         server,
     )
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    credentials = server_credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    health_server, health_port = None, None
+    if credentials is not None and settings.health_port is not None:
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, health_server)
+        health_port = health_server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
     await health.start()
     await server.start()
+    if health_server is not None:
+        await health_server.start()
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(fanout.run()), loop.create_task(health.run())]
-    log.info("frontend %s listening on port %d (pool %s)", settings.instance_id, port, settings.pool)
-    return Frontend(settings, server, port, client, health, fanout, tasks)
+    log.info(
+        "frontend %s listening on port %d (pool %s; TLS %s, client certificates %s, API keys %s, "
+        "image URLs %s)",
+        settings.instance_id,
+        port,
+        settings.pool,
+        "on" if credentials else "off",
+        "required" if settings.tls_client_ca_file else "off",
+        "required" if settings.api_keys_file or settings.api_keys else "off",
+        "on" if fetcher else "off",
+    )
+    if (settings.api_keys_file or settings.api_keys) and credentials is None:
+        log.warning("API keys travel in plain text: set MISTRAL_SERVE_TLS_CERT_FILE/KEY_FILE or use a mesh")
+    return Frontend(
+        settings, server, port, client, health, fanout, tasks, health_server, health_port, fetcher
+    )
+
+
+def auth_interceptor(settings: FrontendSettings) -> AuthInterceptor:
+    """Keys when a keys file or list is configured (even an empty one: then every call is refused)."""
+    keys = None
+    if settings.api_keys_file or settings.api_keys:
+        keys = KeyStore(settings.api_keys, settings.api_keys_file)
+    return AuthInterceptor(
+        keys,
+        mtls=settings.tls_client_ca_file is not None,
+        allowed_client_names=settings.tls_allowed_client_names,
+    )
+
+
+def server_credentials(settings: FrontendSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_enabled:
+        return None
+    assert settings.tls_cert_file and settings.tls_key_file
+    with open(settings.tls_key_file, "rb") as key, open(settings.tls_cert_file, "rb") as cert:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if settings.tls_client_ca_file:
+        with open(settings.tls_client_ca_file, "rb") as ca:
+            client_ca = ca.read()
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def image_fetcher(settings: FrontendSettings) -> ImageFetcher | None:
+    if not settings.image_urls_enabled:
+        return None
+    return ImageFetcher(
+        FetchPolicy(
+            allowed_hosts=settings.image_url_allowed_hosts,
+            allow_http=settings.image_url_allow_http,
+            allow_private=settings.image_url_allow_private,
+            timeout_s=settings.image_url_timeout_s,
+            max_redirects=settings.image_url_max_redirects,
+            limits=Limits.from_settings(settings).image,
+        )
+    )
 
 
 async def serve(settings: FrontendSettings, token_counter: TokenCounter | None = None) -> None:

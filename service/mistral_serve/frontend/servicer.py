@@ -15,11 +15,14 @@ from google.rpc import code_pb2
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
 
+from .auth import current_caller
 from .errors import NotConfigured, RequestFailed, grpc_code, stream_errors, unary_errors
 from .fanout import EventFanout
+from .idempotency import Idempotency, fingerprint
+from .image_urls import ImageFetcher, resolve_image_urls
 from .queue import RequestQueue
 from .settings import FrontendSettings
-from .validation import apply_defaults, validate_chat_request
+from .validation import Limits, apply_defaults, check_budget, validate_chat_request
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +38,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         queue: RequestQueue,
         fanout: EventFanout,
         token_counter: TokenCounter | None,
+        *,
+        fetcher: ImageFetcher | None = None,
+        idempotency: Idempotency | None = None,
     ) -> None:
         self._settings = settings
+        self._limits = Limits.from_settings(settings)
         self._queue = queue
         self._fanout = fanout
         self._token_counter = token_counter
+        self._fetcher = fetcher
+        self._idempotency = idempotency
         # Cancels run after their RPC is gone; hold them so they are not garbage collected.
         self._cancels: set[asyncio.Task[None]] = set()
 
@@ -47,16 +56,16 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ChatStream(
         self, request: chat_pb2.ChatStreamRequest, context: Context
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        validate_chat_request(request.request, path="request.")
-        async for event in self._run(request.request, context):
+        admitted = await self._front_door(request.request, path="request.")
+        async for event in self._run(request.request, admitted, context, path="request."):
             yield event
 
     @unary_errors
     async def Chat(self, request: chat_pb2.ChatRequest, context: Context) -> chat_pb2.ChatResponse:
-        validate_chat_request(request)
+        admitted = await self._front_door(request, path="")
         response = chat_pb2.ChatResponse()
         text: list[str] = []
-        async for event in self._run(request, context):
+        async for event in self._run(request, admitted, context, path=""):
             kind = event.WhichOneof("event")
             if kind == "started":
                 response.request_id = event.started.request_id
@@ -73,10 +82,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def CountTokens(
         self, request: chat_pb2.CountTokensRequest, context: Context
     ) -> chat_pb2.CountTokensResponse:
-        validate_chat_request(request.request, path="request.")
+        validate_chat_request(request.request, path="request.", limits=self._limits)
         if self._token_counter is None:
             raise NotConfigured("CountTokens needs MISTRAL_SERVE_TOKENIZER (the model's tekken.json)")
-        return self._token_counter(request.request)
+        resolved = await self._resolve_urls(request.request, path="request.")
+        return await asyncio.to_thread(self._token_counter, resolved)
 
     @unary_errors
     async def GetModelInfo(
@@ -91,17 +101,45 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             supports_images=s.max_images_per_prompt > 0,
         )
 
+    async def _front_door(self, request: chat_pb2.ChatRequest, *, path: str) -> chat_pb2.ChatRequest:
+        """Every check before a request may cost queue space: the request as it will be queued."""
+        validate_chat_request(request, path=path, limits=self._limits)
+        resolved = await self._resolve_urls(request, path=path)
+        if self._token_counter is not None:
+            counted = await asyncio.to_thread(self._token_counter, resolved)
+            check_budget(counted, resolved, self._limits, path=path)
+        return apply_defaults(resolved)
+
+    async def _resolve_urls(self, request: chat_pb2.ChatRequest, *, path: str) -> chat_pb2.ChatRequest:
+        if self._fetcher is None:
+            return request
+        return await resolve_image_urls(
+            request, self._fetcher, path=path, max_total_bytes=self._settings.max_receive_message_bytes
+        )
+
     async def _run(
-        self, request: chat_pb2.ChatRequest, context: Context
+        self, original: chat_pb2.ChatRequest, request: chat_pb2.ChatRequest, context: Context, *, path: str
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        """Queue `request` and yield its events: started, deltas in order, one terminal event."""
+        """Queue `request` and yield its events: started, deltas in order, one terminal event.
+
+        `original` is what the caller sent: a repeat of its client_request_id replays this run.
+        """
         request_id = uuid.uuid4().hex
         now = time.time()
         remaining = context.time_remaining()
         deadline = now + (self._settings.default_deadline_s if remaining is None else remaining)
+        claim = None
+        if self._idempotency is not None and original.client_request_id:
+            claim = (current_caller().identity, original.client_request_id, fingerprint(original), request_id)
+            first_id = await self._idempotency.claim(*claim, path=path)
+            if first_id is not None:
+                yield chat_pb2.ChatEvent(started=chat_pb2.Started(request_id=first_id))
+                async for event in self._idempotency.replay(first_id, deadline):
+                    yield event
+                return
         queued = queue_pb2.QueuedRequest(
             request_id=request_id,
-            request=apply_defaults(request),
+            request=request,
             deadline_unix=deadline,
             admitted_unix=now,
             attempt=1,
@@ -109,7 +147,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         sub = self._fanout.open(request_id)
         admitted = ended = False
         try:
-            await self._queue.admit(queued)
+            try:
+                await self._queue.admit(queued)
+            except BaseException:
+                if claim is not None and self._idempotency is not None:
+                    await self._idempotency.release(*claim)
+                raise
             admitted = True
             yield chat_pb2.ChatEvent(started=chat_pb2.Started(request_id=request_id))
             last_sequence = 0

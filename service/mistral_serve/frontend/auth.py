@@ -1,0 +1,198 @@
+"""Who is calling: bearer API keys (stored as SHA-256 digests) and optional mTLS client certificates.
+
+Auth is off when neither keys (`MISTRAL_SERVE_API_KEYS_FILE` / `MISTRAL_SERVE_API_KEYS`) nor a client CA
+are configured, so tests and `make run` need nothing. Health and reflection never need credentials.
+The caller's identity is put in `CALLER` for the handler (a contextvar of the RPC's task).
+
+- UNAUTHENTICATED: no key, a malformed `authorization` header, or a key the service does not know.
+- PERMISSION_DENIED: a client certificate the CA signed (so the caller is known) whose name is not
+  on `MISTRAL_SERVE_TLS_ALLOWED_CLIENT_NAMES`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from mistral_serve.common.env import SettingError
+
+from .errors import PermissionDenied, Unauthenticated
+from .gating import Context, gated
+
+log = logging.getLogger(__name__)
+
+# Methods anyone may call: probes and tooling must work without a key.
+PUBLIC_METHOD_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+# How often a keys file is checked for changes (a rotated Kubernetes Secret).
+RELOAD_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    # "key:<first 16 hex of the key's digest>", "cert:<certificate name>", or "anonymous".
+    identity: str
+
+
+ANONYMOUS = Caller("anonymous")
+CALLER: ContextVar[Caller] = ContextVar("mistral_serve_caller", default=ANONYMOUS)
+
+
+def current_caller() -> Caller:
+    """The identity of the caller of the RPC being handled."""
+    return CALLER.get()
+
+
+def key_digest(key: str) -> str:
+    """What a keys file stores for `key`: `printf %s "$KEY" | sha256sum`."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def parse_digests(lines: Iterable[str], source: str) -> frozenset[str]:
+    """Digests of a keys file or list: one SHA-256 hex digest a line; blank lines and `#` comments skipped."""
+    digests = set()
+    for number, line in enumerate(lines, 1):
+        entry = line.split("#", 1)[0].strip().lower()
+        if not entry:
+            continue
+        if not _DIGEST.fullmatch(entry):
+            # Never echo the line: it might be a raw key pasted by mistake.
+            raise SettingError(f"{source}: entry {number} is not a SHA-256 hex digest (64 hex characters)")
+        digests.add(entry)
+    return frozenset(digests)
+
+
+class KeyStore:
+    """Accepted key digests, from a file (re-read when it changes) and from a list."""
+
+    def __init__(self, digests: Iterable[str] = (), path: str | None = None) -> None:
+        self._fixed = parse_digests(digests, "MISTRAL_SERVE_API_KEYS")
+        self._path = path
+        self._file: frozenset[str] = frozenset()
+        self._mtime: float | None = None
+        self._checked = 0.0
+        if path is not None:
+            self._load()
+        if not self.digests:
+            log.error("API keys are configured but none is listed: every call will be refused")
+
+    @property
+    def digests(self) -> frozenset[str]:
+        return self._fixed | self._file
+
+    def match(self, key: str) -> str | None:
+        """The digest `key` matches, or None. Compares against every digest in constant time."""
+        self._maybe_reload()
+        presented = key_digest(key)
+        found = None
+        for digest in self.digests:
+            if hmac.compare_digest(digest, presented):
+                found = digest
+        return found
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if self._path is None or now - self._checked < RELOAD_INTERVAL_S:
+            return
+        self._checked = now
+        try:
+            if os.stat(self._path).st_mtime != self._mtime:
+                self._load()
+        except (OSError, SettingError) as exc:
+            log.error("keeping the previous API keys: cannot reload %s: %s", self._path, exc)
+
+    def _load(self) -> None:
+        assert self._path is not None
+        mtime = os.stat(self._path).st_mtime
+        with open(self._path, encoding="utf-8") as file:
+            self._file = parse_digests(file, self._path)
+        self._mtime = mtime
+        self._checked = time.monotonic()
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self, keys: KeyStore | None, *, mtls: bool, allowed_client_names: tuple[str, ...] = ()
+    ) -> None:
+        self._keys = keys
+        self._mtls = mtls
+        self._allowed_names = frozenset(allowed_client_names)
+
+    @property
+    def enabled(self) -> bool:
+        return self._keys is not None or self._mtls
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if (
+            handler is None
+            or not self.enabled
+            or handler_call_details.method.startswith(PUBLIC_METHOD_PREFIXES)
+        ):
+            return handler
+        authorization = _header(handler_call_details.invocation_metadata, "authorization")
+
+        async def gate(request: Any, context: Context) -> None:
+            CALLER.set(self.authenticate(authorization, context.auth_context()))
+
+        return gated(handler, gate)
+
+    def authenticate(self, authorization: str | None, auth_context: Mapping[str, Iterable[bytes]]) -> Caller:
+        """The caller these credentials identify; raises Unauthenticated or PermissionDenied."""
+        caller = ANONYMOUS
+        if self._mtls:
+            caller = self._certificate_caller(auth_context)
+        if self._keys is not None:
+            caller = Caller(f"key:{self._key_digest(authorization)[:16]}")
+        return caller
+
+    def _key_digest(self, authorization: str | None) -> str:
+        assert self._keys is not None
+        if not authorization:
+            raise Unauthenticated(
+                "this service needs an API key: send the header `authorization: Bearer <key>`"
+            )
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthenticated("the authorization header must read `Bearer <key>`")
+        digest = self._keys.match(key.strip())
+        if digest is None:
+            raise Unauthenticated("the API key is not valid")
+        return digest
+
+    def _certificate_caller(self, auth_context: Mapping[str, Iterable[bytes]]) -> Caller:
+        names = [
+            value.decode(errors="replace")
+            for field in ("x509_common_name", "x509_subject_alternative_name")
+            for value in auth_context.get(field, [])
+        ]
+        if not names:
+            raise Unauthenticated("this service needs a client certificate (mTLS)")
+        if self._allowed_names and not self._allowed_names.intersection(names):
+            raise PermissionDenied(f"client certificate {names[0]!r} may not call this service")
+        return Caller(f"cert:{names[0]}")
+
+
+def _header(metadata: Any, name: str) -> str | None:
+    for key, value in metadata or ():
+        if key == name:
+            return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return None
