@@ -1,0 +1,137 @@
+"""The front door over gRPC: every bad input of the table gets its status code and field path, and a
+valid request through the same door completes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from mistral_serve.frontend.server import Frontend, start_frontend
+from mistral_serve.frontend.settings import FrontendSettings
+from mistral_serve.frontend.token_count import TokenCounter
+from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
+from tests.engine.tiny_model import ensure_tiny_model
+from tests.integration.conftest import Stack
+from tests.integration.front_door_cases import (
+    API_KEY,
+    API_KEY_DIGEST,
+    CASES,
+    CONTEXT_LENGTH,
+    MAX_IMAGE_BYTES,
+    Case,
+    markdown_rows,
+)
+from tests.integration.test_errors import bad_request_fields
+from tests.support.requests import chat, events_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def token_counter() -> TokenCounter:
+    model = ensure_tiny_model()
+    return TokenCounter.from_tokenizer_file(str(model / "tekken.json"), model_name=str(model), max_images=10)
+
+
+async def front_door(stack: Stack, counter: TokenCounter | None, **overrides: Any) -> Frontend:
+    settings = replace(
+        FrontendSettings(
+            redis_url=stack.redis_url,
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            drain_grace_s=1.0,
+            health_interval_s=0.1,
+            api_keys=(API_KEY_DIGEST,),
+            context_length=CONTEXT_LENGTH,
+            max_image_bytes=MAX_IMAGE_BYTES,
+        ),
+        **overrides,
+    )
+    frontend = await start_frontend(settings, counter)
+    stack.frontends.append(frontend)
+    return frontend
+
+
+@pytest.fixture
+async def door(stack: Stack, token_counter: TokenCounter) -> AsyncIterator[Frontend]:
+    yield await front_door(stack, token_counter)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.sent for c in CASES])
+async def test_bad_input_gets_its_code_and_field(door: Frontend, case: Case) -> None:
+    metadata = [("authorization", case.authorization)] if case.authorization else []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{door.port}") as channel:
+        if isinstance(case.request, bytes):
+            call: Any = channel.unary_stream("/mistral_serve.v1.ChatService/ChatStream")(
+                case.request, timeout=10, metadata=metadata
+            )
+            expected = case.field
+        else:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            call = stub.ChatStream(
+                chat_pb2.ChatStreamRequest(request=case.request), timeout=10, metadata=metadata
+            )
+            expected = None if case.field is None else f"request.{case.field}"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in call:
+                pass
+    error = refused.value
+    assert error.code() == case.code, error.details()
+    fields = bad_request_fields(error)
+    if expected is None:
+        assert fields == []
+    else:
+        assert expected in fields, (fields, error.details())
+
+
+def test_the_table_has_40_distinct_bad_inputs() -> None:
+    assert len({c.sent for c in CASES}) == len(CASES) >= 40
+
+
+def test_docs_show_the_same_table() -> None:
+    page = (REPO / "docs" / "front-door.md").read_text()
+    missing = [row for row in markdown_rows() if row not in page]
+    assert not missing, "docs/front-door.md lacks rows:\n" + "\n".join(missing)
+
+
+async def test_a_valid_request_through_the_same_door_completes(stack: Stack, door: Frontend) -> None:
+    await stack.worker()
+    client = stack.client(door, api_key=API_KEY)
+    events = [e async for e in client.stream(chat("fine request", max_tokens=5))]
+    assert events[-1].WhichOneof("event") == "finished"
+    assert events_text(events) == "fine request w1 w2 w3"
+
+
+async def test_health_and_reflection_need_no_key(door: Frontend) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{door.port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = [s.name async for r in responses for s in r.list_services_response.service]
+    assert "mistral_serve.v1.ChatService" in names
+
+
+async def test_count_tokens_answers_the_budgeted_count(door: Frontend, token_counter: TokenCounter) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{door.port}") as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        request = chat("count me")
+        reply = await stub.CountTokens(
+            chat_pb2.CountTokensRequest(request=request),
+            timeout=10,
+            metadata=[("authorization", f"Bearer {API_KEY}")],
+        )
+    assert reply == token_counter(request)
+    assert reply.prompt_tokens > 0
