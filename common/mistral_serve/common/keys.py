@@ -9,9 +9,26 @@ REQUEST_FIELD = "r"
 EVENT_FIELD = "e"
 
 
-def request_stream(pool: str) -> str:
-    """The stream of queued requests of one model pool; workers read it as group WORKER_GROUP."""
-    return f"{PREFIX}:{pool}:requests"
+# Priority bands, in the order workers take from them. A request's band is the sign of its priority.
+HIGH, NORMAL, LOW = "high", "normal", "low"
+BANDS = (HIGH, NORMAL, LOW)
+
+
+def band_of(priority: int) -> str:
+    return HIGH if priority > 0 else LOW if priority < 0 else NORMAL
+
+
+def request_stream(pool: str, band: str = NORMAL) -> str:
+    """A stream of queued requests of one model pool and band; workers read it as group WORKER_GROUP.
+
+    The normal band keeps the plain name, which is what most traffic and the autoscaler watch.
+    """
+    return f"{PREFIX}:{pool}:requests" if band == NORMAL else f"{PREFIX}:{pool}:requests:{band}"
+
+
+def request_streams(pool: str) -> list[str]:
+    """All of a pool's request streams, highest band first."""
+    return [request_stream(pool, band) for band in BANDS]
 
 
 def cancel_channel(pool: str) -> str:

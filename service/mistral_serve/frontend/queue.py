@@ -11,17 +11,29 @@ from mistral_serve.queue.v1 import queue_pb2
 from .errors import BackendUnavailable, QueueFull
 
 # Admission is one atomic step so that concurrent frontends never push the backlog past its bound.
-# The backlog is the stream's length: workers delete entries once they are done with them, so it
-# counts waiting and running requests. The wake entry breaks this frontend's blocked event reader.
+# The backlog is the length of the pool's band streams: workers delete entries once they are done
+# with them, so it counts waiting and running requests. KEYS: the band streams, the wake stream,
+# the stream to add to. The wake entry breaks this frontend's blocked event reader.
 _ADMIT = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+local backlog = redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[2]) + redis.call('XLEN', KEYS[3])
+if backlog >= tonumber(ARGV[1]) then
   return false
 end
-local id = redis.call('XADD', KEYS[1], '*', ARGV[2], ARGV[3])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100', '*', 'w', '1')
-redis.call('EXPIRE', KEYS[2], 3600)
+local id = redis.call('XADD', KEYS[5], '*', ARGV[2], ARGV[3])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100', '*', 'w', '1')
+redis.call('EXPIRE', KEYS[4], 3600)
 return id
 """
+
+
+def admission_bound(max_backlog: int, band: str) -> int:
+    """The backlog up to which a band is admitted: when the pool is contended, low priority is
+    refused first, and high priority keeps a reserve of an eighth above the normal bound."""
+    if band == keys.HIGH:
+        return max_backlog + max(1, max_backlog // 8)
+    if band == keys.LOW:
+        return max(1, max_backlog * 3 // 4)
+    return max_backlog
 
 
 class RequestQueue:
@@ -36,7 +48,8 @@ class RequestQueue:
         cancel_ttl_s: int,
     ) -> None:
         self._redis = client
-        self._stream = keys.request_stream(pool)
+        self._pool = pool
+        self._streams = keys.request_streams(pool)
         self._cancel_channel = keys.cancel_channel(pool)
         self._wake = keys.wake_stream(frontend_id)
         self._max_backlog = max_backlog
@@ -45,16 +58,18 @@ class RequestQueue:
         self._admit = client.register_script(_ADMIT)
 
     async def admit(self, queued: queue_pb2.QueuedRequest) -> None:
-        """Queue `queued`, or raise QueueFull when the pool's backlog is at its bound."""
+        """Queue `queued` in its priority band, or raise QueueFull when the band's bound is reached."""
+        band = keys.band_of(queued.request.priority)
+        bound = admission_bound(self._max_backlog, band)
         try:
             entry_id = await self._admit(
-                keys=[self._stream, self._wake],
-                args=[self._max_backlog, keys.REQUEST_FIELD, queued.SerializeToString()],
+                keys=[*self._streams, self._wake, keys.request_stream(self._pool, band)],
+                args=[bound, keys.REQUEST_FIELD, queued.SerializeToString()],
             )
         except RedisError as exc:
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
         if entry_id is None:
-            raise QueueFull(self._max_backlog, self._retry_after_s)
+            raise QueueFull(bound, self._retry_after_s)
 
     async def cancel(self, request_id: str) -> None:
         """Mark `request_id` cancelled: a flag for a worker yet to start it, a message for one running it."""
@@ -64,4 +79,7 @@ class RequestQueue:
             await pipe.execute()
 
     async def backlog(self) -> int:
-        return int(await self._redis.xlen(self._stream))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for stream in self._streams:
+                pipe.xlen(stream)
+            return sum(int(n) for n in await pipe.execute())

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any, NamedTuple
 
 import redis.asyncio as redis
 from google.rpc import code_pb2
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 CANCELLED = "cancelled"
 DEADLINE = "deadline"
 LEASE_LOST = "lease lost"
+
+
+class _EntryRef(NamedTuple):
+    stream: str
+    entry_id: bytes
 
 
 class _LeaseLost(Exception):
@@ -54,20 +60,20 @@ class Consumer:
         self._redis = client
         self._engine = engine
         self._writer = writer
-        self._stream = keys.request_stream(pool)
+        self._streams = keys.request_streams(pool)  # highest band first
         self._cancel_channel = keys.cancel_channel(pool)
         self._name = consumer_name
         self._max_inflight = max_inflight
         self._block_ms = block_ms
         self._max_attempts = max_attempts
-        self.leases = Leases(client, pool=pool, consumer_name=consumer_name, lease_ms=lease_ms)
+        self.leases = Leases(client, consumer_name=consumer_name, lease_ms=lease_ms)
         # request id -> the task generating it
         self._running: dict[str, asyncio.Task[chat_pb2.ChatEvent]] = {}
         # request id -> why it was stopped
         self._stop_reasons: dict[str, str] = {}
-        # job task -> its stream entry id, for leases
-        self._jobs: dict[asyncio.Task[None], bytes] = {}
-        self._request_of_entry: dict[bytes, str] = {}
+        # job task -> its (stream, entry id), for leases
+        self._jobs: dict[asyncio.Task[None], _EntryRef] = {}
+        self._request_of_entry: dict[_EntryRef, str] = {}
         self._slot_free = asyncio.Event()
         self._claiming = True
         self.resumed = 0  # jobs taken over from lost workers, for tests and metrics
@@ -77,12 +83,13 @@ class Consumer:
         return len(self._jobs)
 
     async def ensure_group(self) -> None:
-        try:
-            # From id 0: requests queued before any worker existed are served too.
-            await self._redis.xgroup_create(self._stream, keys.WORKER_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in self._streams:
+            try:
+                # From id 0: requests queued before any worker existed are served too.
+                await self._redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def run(self) -> None:
         """Claim and start new jobs until `stop_claiming`; Redis errors are retried with backoff."""
@@ -92,9 +99,7 @@ class Consumer:
             if not free:
                 continue
             try:
-                reply = await self._redis.xreadgroup(
-                    keys.WORKER_GROUP, self._name, {self._stream: ">"}, count=free, block=self._block_ms
-                )
+                await self._read_new(free)
                 backoff = 0.05
             except RedisError as exc:
                 log.warning("cannot read the queue (%s); retrying in %.2fs", exc, backoff)
@@ -103,9 +108,32 @@ class Consumer:
                 with contextlib.suppress(RedisError):
                     await self.ensure_group()  # Redis may have restarted empty
                 continue
-            for _stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    self._start(entry_id, fields, claimed=False)
+
+    async def _read_new(self, free: int) -> None:
+        """Take up to `free` new jobs, higher bands first; block on all bands when none waits."""
+        for stream in self._streams:
+            reply = await self._redis.xreadgroup(keys.WORKER_GROUP, self._name, {stream: ">"}, count=free)
+            free -= self._start_all(reply, claimed=False)
+            if free <= 0:
+                return
+        if free == self._max_inflight - len(self._jobs):
+            reply = await self._redis.xreadgroup(
+                keys.WORKER_GROUP,
+                self._name,
+                dict.fromkeys(self._streams, ">"),
+                count=free,
+                block=self._block_ms,
+            )
+            self._start_all(reply, claimed=False)
+
+    def _start_all(self, reply: Any, *, claimed: bool) -> int:
+        started = 0
+        for stream, entries in reply or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            for entry_id, fields in entries:
+                self._start(_EntryRef(name, entry_id), fields, claimed=claimed)
+                started += 1
+        return started
 
     async def run_leases(self) -> None:
         """Renew the leases of running jobs and take over jobs whose lease lapsed elsewhere."""
@@ -114,9 +142,10 @@ class Consumer:
             await asyncio.sleep(interval_s)
             try:
                 await self._renew()
-                if self._claiming and (free := self._max_inflight - len(self._jobs)) > 0:
-                    for entry_id, fields in await self.leases.claim_lapsed(free):
-                        self._start(entry_id, fields, claimed=True)
+                for stream in self._streams:
+                    if self._claiming and (free := self._max_inflight - len(self._jobs)) > 0:
+                        lapsed = await self.leases.claim_lapsed(stream, free)
+                        self._start_all([(stream, lapsed)], claimed=True)
             except RedisError as exc:
                 log.warning("lease upkeep failed: %s", exc)
 
@@ -135,9 +164,11 @@ class Consumer:
         for task in unfinished:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if unfinished:
+        for stream in self._streams:
+            entry_ids = [ref.entry_id for ref in unfinished.values() if ref.stream == stream]
             with contextlib.suppress(RedisError):
-                await self.leases.hand_back(list(unfinished.values()))
+                await self.leases.hand_back(stream, entry_ids)
+        if unfinished:
             log.info("handed %d unfinished jobs to other workers", len(unfinished))
 
     async def listen_for_cancels(self) -> None:
@@ -166,15 +197,17 @@ class Consumer:
         return free if self._claiming else 0
 
     async def _renew(self) -> None:
-        for lost in await self.leases.refresh(list(self._jobs.values())):
-            request_id = self._request_of_entry.get(lost)
-            if request_id is not None:
-                log.warning("lost the lease of request %s to another worker", request_id)
-                self.stop(request_id, LEASE_LOST)
+        for stream in self._streams:
+            entry_ids = [ref.entry_id for ref in self._jobs.values() if ref.stream == stream]
+            for lost in await self.leases.refresh(stream, entry_ids):
+                request_id = self._request_of_entry.get(_EntryRef(stream, lost))
+                if request_id is not None:
+                    log.warning("lost the lease of request %s to another worker", request_id)
+                    self.stop(request_id, LEASE_LOST)
 
-    def _start(self, entry_id: bytes, fields: dict[bytes, bytes] | None, *, claimed: bool) -> None:
-        job = asyncio.get_running_loop().create_task(self._job(entry_id, fields, claimed=claimed))
-        self._jobs[job] = entry_id
+    def _start(self, ref: _EntryRef, fields: dict[bytes, bytes] | None, *, claimed: bool) -> None:
+        job = asyncio.get_running_loop().create_task(self._job(ref, fields, claimed=claimed))
+        self._jobs[job] = ref
         job.add_done_callback(self._job_done)
 
     def _job_done(self, job: asyncio.Task[None]) -> None:
@@ -183,33 +216,33 @@ class Consumer:
         if not job.cancelled() and job.exception() is not None:
             log.error("job failed outside its error handling", exc_info=job.exception())
 
-    async def _job(self, entry_id: bytes, fields: dict[bytes, bytes] | None, *, claimed: bool) -> None:
+    async def _job(self, ref: _EntryRef, fields: dict[bytes, bytes] | None, *, claimed: bool) -> None:
         try:
             raw = (fields or {})[keys.REQUEST_FIELD.encode()]
             queued = queue_pb2.QueuedRequest.FromString(raw)
         except Exception:
-            log.error("dropping unreadable queue entry %s", entry_id)
-            await self._ack(entry_id)
+            log.error("dropping unreadable queue entry %s of %s", ref.entry_id, ref.stream)
+            await self._ack(ref)
             return
         request_id = queued.request_id
-        self._request_of_entry[entry_id] = request_id
+        self._request_of_entry[ref] = request_id
         try:
-            terminal = await self._terminal_event(entry_id, queued, claimed=claimed)
+            terminal = await self._terminal_event(ref, queued, claimed=claimed)
             if terminal is not None:
                 await self._writer.emit_final(request_id, terminal)
-            await self._ack(entry_id)
+            await self._ack(ref)
         except _LeaseLost:
             return
         finally:
-            self._request_of_entry.pop(entry_id, None)
+            self._request_of_entry.pop(ref, None)
 
     async def _terminal_event(
-        self, entry_id: bytes, queued: queue_pb2.QueuedRequest, *, claimed: bool
+        self, ref: _EntryRef, queued: queue_pb2.QueuedRequest, *, claimed: bool
     ) -> chat_pb2.ChatEvent | None:
         """Run the job if it should run; its terminal event, or None when one was written already."""
         resume: Resume | None = None
         if claimed:
-            attempts = await self.leases.delivery_count(entry_id)
+            attempts = await self.leases.delivery_count(ref.stream, ref.entry_id)
             resume = await self._read_resume(queued.request_id)
             if resume.finished:
                 return None  # the lost worker wrote the end but died before its ack
@@ -279,8 +312,8 @@ class Consumer:
             self._running.pop(request_id, None)
             self._stop_reasons.pop(request_id, None)
 
-    async def _ack(self, entry_id: bytes) -> None:
+    async def _ack(self, ref: _EntryRef) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xack(self._stream, keys.WORKER_GROUP, entry_id)
-            pipe.xdel(self._stream, entry_id)
+            pipe.xack(ref.stream, keys.WORKER_GROUP, ref.entry_id)
+            pipe.xdel(ref.stream, ref.entry_id)
             await pipe.execute()

@@ -32,50 +32,41 @@ Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 
 class Leases:
-    def __init__(self, client: redis.Redis, *, pool: str, consumer_name: str, lease_ms: int) -> None:
+    def __init__(self, client: redis.Redis, *, consumer_name: str, lease_ms: int) -> None:
         self._redis = client
-        self._stream = keys.request_stream(pool)
         self._name = consumer_name
         self.lease_ms = lease_ms
         self._refresh = client.register_script(_REFRESH)
-        self._cursor: bytes = b"0-0"
+        self._cursors: dict[str, bytes] = {}
         # Take XAUTOCLAIM's reply as Redis sent it: redis-py's parser fails on Redis 6.2's nil entries.
         client.set_response_callback("XAUTOCLAIM", _unparsed)
 
-    async def refresh(self, entry_ids: Sequence[bytes]) -> set[bytes]:
-        """Renew the leases of `entry_ids`; return those this worker no longer holds."""
-        return await self._set_idle(entry_ids, idle_ms=0)
+    async def refresh(self, stream: str, entry_ids: Sequence[bytes]) -> set[bytes]:
+        """Renew the leases of `entry_ids` in `stream`; return those this worker no longer holds."""
+        return await self._set_idle(stream, entry_ids, idle_ms=0)
 
-    async def hand_back(self, entry_ids: Sequence[bytes]) -> None:
+    async def hand_back(self, stream: str, entry_ids: Sequence[bytes]) -> None:
         """Mark these jobs' leases lapsed so another worker claims them at once (drain)."""
-        await self._set_idle(entry_ids, idle_ms=self.lease_ms * 10)
+        await self._set_idle(stream, entry_ids, idle_ms=self.lease_ms * 10)
 
-    async def _set_idle(self, entry_ids: Sequence[bytes], idle_ms: int) -> set[bytes]:
+    async def _set_idle(self, stream: str, entry_ids: Sequence[bytes], idle_ms: int) -> set[bytes]:
         if not entry_ids:
             return set()
-        lost = await self._refresh(
-            keys=[self._stream], args=[keys.WORKER_GROUP, self._name, idle_ms, *entry_ids]
-        )
+        lost = await self._refresh(keys=[stream], args=[keys.WORKER_GROUP, self._name, idle_ms, *entry_ids])
         return {bytes(entry_id) for entry_id in lost}
 
-    async def claim_lapsed(self, count: int) -> list[Entry]:
-        """Take over up to `count` jobs whose lease lapsed, walking the pending list in turns."""
+    async def claim_lapsed(self, stream: str, count: int) -> list[Entry]:
+        """Take over up to `count` jobs of `stream` whose lease lapsed, walking its pending list in turns."""
+        cursor = self._cursors.get(stream, b"0-0")
         reply = await self._redis.execute_command(  # type: ignore[no-untyped-call]
-            "XAUTOCLAIM",
-            self._stream,
-            keys.WORKER_GROUP,
-            self._name,
-            self.lease_ms,
-            self._cursor,
-            "COUNT",
-            count,
+            "XAUTOCLAIM", stream, keys.WORKER_GROUP, self._name, self.lease_ms, cursor, "COUNT", count
         )
-        self._cursor, entries = parse_autoclaim(reply)
+        self._cursors[stream], entries = parse_autoclaim(reply)
         return entries
 
-    async def delivery_count(self, entry_id: bytes) -> int:
+    async def delivery_count(self, stream: str, entry_id: bytes) -> int:
         """How many times the entry was handed to a worker: its first run plus each claim."""
-        rows = await self._redis.xpending_range(self._stream, keys.WORKER_GROUP, entry_id, entry_id, 1)
+        rows = await self._redis.xpending_range(stream, keys.WORKER_GROUP, entry_id, entry_id, 1)
         return int(rows[0]["times_delivered"]) if rows else 0
 
 
