@@ -211,12 +211,16 @@ CASES: list[Case] = [
     ),
     Case(
         "tool_choice FUNCTION with no name",
-        req(user(), tools=[TOOL], tool_choice=R.ToolChoice(mode=4)),
+        req(user(), tools=[TOOL], tool_choice=R.ToolChoice(mode=R.ToolChoice.MODE_FUNCTION)),
         "tool_choice.function_name",
     ),
     Case(
         "tool_choice FUNCTION naming an unknown tool",
-        req(user(), tools=[TOOL], tool_choice=R.ToolChoice(mode=4, function_name="nope")),
+        req(
+            user(),
+            tools=[TOOL],
+            tool_choice=R.ToolChoice(mode=R.ToolChoice.MODE_FUNCTION, function_name="nope"),
+        ),
         "tool_choice.function_name",
     ),
     Case("tool_choice ANY with no tools", req(user(), tool_choice=ANY), "tool_choice.mode"),

@@ -67,9 +67,8 @@ async def test_bad_input_gets_its_code_and_field(door: Frontend, case: Case) -> 
     metadata = [("authorization", case.authorization)] if case.authorization else []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{door.port}") as channel:
         if isinstance(case.request, bytes):
-            call: Any = channel.unary_stream("/mistral_serve.v1.ChatService/ChatStream")(
-                case.request, timeout=10, metadata=metadata
-            )
+            raw: Any = channel.unary_stream("/mistral_serve.v1.ChatService/ChatStream")
+            call: Any = raw(case.request, timeout=10, metadata=metadata)
             expected = case.field
         else:
             stub = chat_pb2_grpc.ChatServiceStub(channel)

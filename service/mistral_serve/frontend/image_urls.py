@@ -27,7 +27,7 @@ from aiohttp.resolver import DefaultResolver
 from mistral_serve.v1 import chat_pb2
 
 from .errors import FieldViolation, InvalidRequest
-from .images import ImageLimits, ImageProblem, check_dimensions, check_image, read_header
+from .images import ImageLimits, ImageProblem, ImageTooLarge, check_dimensions, check_image, read_header
 from .validation import url_problem
 
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -165,6 +165,8 @@ def _dimensions_pass(prefix: bytes, limits: ImageLimits) -> bool:
     """Check the dimensions once the header has arrived: True when checked, False when not there yet."""
     try:
         width, height = read_header(prefix)
+    except ImageTooLarge:
+        raise
     except ImageProblem:
         return False
     check_dimensions(width, height, limits)

@@ -53,6 +53,10 @@ class ImageProblem(ValueError):
         super().__init__(description)
 
 
+class ImageTooLarge(ImageProblem):
+    """The header says the image is over a bound (not: the header is incomplete)."""
+
+
 def sniff_format(data: bytes) -> str | None:
     """The MIME type the leading bytes announce, or None when they are none of FORMATS."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -81,7 +85,7 @@ def read_header(data: bytes) -> tuple[int, int]:
             with Image.open(io.BytesIO(data), formats=[FORMATS[mime]]) as image:
                 width, height = image.size
     except Image.DecompressionBombError as exc:
-        raise ImageProblem("data", f"the image has too many pixels: {exc}") from exc
+        raise ImageTooLarge("data", f"the image has too many pixels: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageProblem("data", f"the image header cannot be read: {exc}") from exc
     return width, height
@@ -112,12 +116,12 @@ def check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
     if width < 1 or height < 1:
         raise ImageProblem("data", f"the image is {width}x{height} pixels")
     if max(width, height) > limits.max_side_px:
-        raise ImageProblem(
+        raise ImageTooLarge(
             "data",
             f"the image is {width}x{height} pixels; its longest side may be at most {limits.max_side_px}",
         )
     if width * height > limits.max_pixels:
-        raise ImageProblem(
+        raise ImageTooLarge(
             "data", f"the image is {width}x{height} pixels; at most {limits.max_pixels} pixels are accepted"
         )
 
