@@ -3,6 +3,7 @@ valid request through the same door completes."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -32,10 +33,16 @@ from tests.support.requests import chat, events_text
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def token_counter() -> TokenCounter:
+@functools.cache
+def tiny_token_counter() -> TokenCounter:
+    """The tiny model's token counter, loaded once per test session."""
     model = ensure_tiny_model()
     return TokenCounter.from_tokenizer_file(str(model / "tekken.json"), model_name=str(model), max_images=10)
+
+
+@pytest.fixture
+def token_counter() -> TokenCounter:
+    return tiny_token_counter()
 
 
 async def front_door(stack: Stack, counter: TokenCounter | None, **overrides: Any) -> Frontend:
