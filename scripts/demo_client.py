@@ -23,7 +23,7 @@ def demo_image() -> bytes:
     return out.getvalue()
 
 
-def demo_request() -> chat_pb2.ChatRequest:
+def demo_request(with_image: bool) -> chat_pb2.ChatRequest:
     weather = chat_pb2.Tool(
         name="get_weather",
         description="Current weather of a city",
@@ -33,11 +33,12 @@ def demo_request() -> chat_pb2.ChatRequest:
     )
     user = chat_pb2.Message(
         role=chat_pb2.ROLE_USER,
-        content=[
-            chat_pb2.ContentPart(text="What is in this picture? And what is the weather in Paris?"),
-            chat_pb2.ContentPart(image=chat_pb2.ImageBytes(data=demo_image(), mime_type="image/png")),
-        ],
+        content=[chat_pb2.ContentPart(text="What is in this picture? And what is the weather in Paris?")],
     )
+    if with_image:
+        user.content.append(
+            chat_pb2.ContentPart(image=chat_pb2.ImageBytes(data=demo_image(), mime_type="image/png"))
+        )
     return chat_pb2.ChatRequest(
         messages=[user], tools=[weather], sampling=chat_pb2.SamplingParams(max_tokens=48)
     )
@@ -47,7 +48,9 @@ async def main(target: str) -> None:
     async with ChatClient(target) as client:
         info = await client.model_info()
         print(f"model {info.model}, context {info.context_length}, up to {info.max_images_per_prompt} images")
-        async for event in client.stream(demo_request(), timeout_s=300):
+        if not info.supports_images:
+            print("(this model takes no images here: the demo sends its text and tool only)")
+        async for event in client.stream(demo_request(info.supports_images), timeout_s=300):
             kind = event.WhichOneof("event")
             if kind == "started":
                 print(f"[started {event.started.request_id}]")

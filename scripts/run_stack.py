@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = REPO / ".cache" / "tiny-model"
+TINY_MODEL = REPO / ".cache" / "tiny-model-text"
 
 
 def free_port() -> int:
@@ -47,12 +48,16 @@ def stack_env(args: argparse.Namespace, redis_port: int) -> dict[str, str]:
     tokenizer = Path(model) / "tekken.json"
     if tokenizer.exists():
         env["MISTRAL_SERVE_TOKENIZER"] = str(tokenizer)
-    if Path(model).resolve() == TINY_MODEL.resolve():
-        # The tiny model on a CPU: a small context and KV cache, no compilation, one process.
-        env.setdefault("MISTRAL_SERVE_MAX_MODEL_LEN", "4096")
+    params = Path(model) / "params.json"
+    if Path(model).name.startswith("tiny-model") and params.exists():
+        # A tiny model on a CPU: a small context and KV cache, no compilation, one engine process.
+        env.setdefault("MISTRAL_SERVE_MAX_MODEL_LEN", "2048")
         env.setdefault("MISTRAL_SERVE_KV_CACHE_BYTES", str(256 * 1024 * 1024))
         env.setdefault("MISTRAL_SERVE_ENFORCE_EAGER", "1")
+        env.setdefault("MISTRAL_SERVE_EXECUTOR_BACKEND", "uni")
         env.setdefault("MISTRAL_SERVE_WORKER_MAX_INFLIGHT", "16")
+        if "vision_encoder" not in json.loads(params.read_text()):
+            env.setdefault("MISTRAL_SERVE_MAX_IMAGES_PER_PROMPT", "0")
     return env
 
 

@@ -67,7 +67,7 @@ async def generate_events(
     resume = resume or Resume()
     request_id = queued.request_id
     started_at = time.time()
-    parser = ToolCallStreamParser()
+    parser = ToolCallStreamParser(call_id_seed=request_id)
     parser.feed(resume.raw_text)
     sequence = resume.sequence
     unsent = _Unsent()

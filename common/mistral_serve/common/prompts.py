@@ -1,0 +1,314 @@
+"""Builds the model's prompt from a `ChatRequest` with `mistral_common`, the model's own chat format.
+
+Shared by the frontend (token counting, before admission) and the worker (the prompt it runs), so both
+count the same tokens. vLLM's chat path with `tokenizer_mode=mistral` encodes a conversation with the
+same `mistral_common` call (`ChatCompletionRequest` → `MistralTokenizer.encode_chat_completion`), so the
+token ids built here are the ones vLLM would build. This module must not import vllm or torch: the
+frontend has neither.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    SystemMessage,
+    ToolMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.tool_calls import (
+    Function,
+    FunctionCall,
+    FunctionName,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolChoiceEnum,
+)
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
+
+from mistral_serve.v1 import chat_pb2
+
+Tokenizer: TypeAlias = MistralTokenizer[Any, Any, Any, Any, Any]
+
+TOKENIZER_FILE = "tekken.json"
+SYSTEM_PROMPT_FILE = "SYSTEM_PROMPT.txt"
+# The tokens an image expands to: one per merged patch, a break per row, an end per image.
+_IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+
+
+class PromptError(ValueError):
+    """The conversation cannot be turned into a prompt: the caller's fault (INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltPrompt:
+    token_ids: list[int]
+    # Decoded RGB images in prompt order; the engine passes them beside the token ids.
+    images: list[Image.Image] = field(default_factory=list)
+    # Part of `token_ids` that images take.
+    image_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def resolve_model_file(model: str, filename: str) -> Path | None:
+    """Path of `filename` in the model: a local folder, or a hub id read through the local HF cache.
+
+    With `HF_HUB_OFFLINE=1` a hub id resolves only from files already cached. None when the model
+    has no such file.
+    """
+    local = Path(model)
+    if local.is_dir():
+        path = local / filename
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id=model, filename=filename))
+    except EntryNotFoundError:
+        return None
+    except LocalEntryNotFoundError:
+        # Offline and not cached: a missing optional file must not stop the service.
+        if filename == TOKENIZER_FILE:
+            raise
+        return None
+
+
+def fill_system_prompt(template: str, *, model_name: str, today: dt.date) -> str:
+    """Fill the model card's placeholders; `str.format` would choke on other braces in the text."""
+    yesterday = today - dt.timedelta(days=1)
+    return (
+        template.replace("{name}", model_name)
+        .replace("{today}", today.strftime("%Y-%m-%d"))
+        .replace("{yesterday}", yesterday.strftime("%Y-%m-%d"))
+    )
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode an encoded image to RGB, transparent areas over white (as vLLM and mistral_common do)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise PromptError(f"image cannot be decoded: {exc}") from exc
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def decode_data_url(url: str) -> Image.Image:
+    """Decode a `data:image/...;base64,...` URL. Other URLs are refused: the worker fetches nothing."""
+    if not url.startswith("data:"):
+        raise PromptError("image_url must be a data: URL (send other images as bytes)")
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
+        raise PromptError("image_url must be a base64 data URL of an image (data:image/...;base64,...)")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise PromptError(f"image_url has invalid base64: {exc}") from exc
+    return decode_image(data)
+
+
+class PromptBuilder:
+    """Turns `ChatRequest`s into token ids and images for one model's tokenizer."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        model_name: str,
+        system_prompt_template: str | None = None,
+        max_images: int = 10,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._model_name = model_name
+        self._system_prompt_template = system_prompt_template
+        self.max_images = max_images
+        inner = tokenizer.instruct_tokenizer.tokenizer
+        self.supports_images: bool = getattr(inner, "image", None) is not None
+        self._image_token_ids: frozenset[int] = (
+            frozenset(inner.get_special_token(t) for t in _IMAGE_TOKENS)
+            if self.supports_images
+            else frozenset()
+        )
+
+    @classmethod
+    def from_model(cls, model: str, *, max_images: int = 10) -> PromptBuilder:
+        """Load the tokenizer and the default system prompt from a model folder or hub id."""
+        tokenizer_path = resolve_model_file(model, TOKENIZER_FILE)
+        if tokenizer_path is None:
+            raise FileNotFoundError(f"{model} has no {TOKENIZER_FILE}")
+        # Test mode is what vLLM uses for its mistral tokenizer; serving mode would refuse some
+        # conversations vLLM accepts (e.g. an assistant prefix), and we want the same prompts.
+        tokenizer = MistralTokenizer.from_file(str(tokenizer_path), mode=ValidationMode.test)
+        system_path = resolve_model_file(model, SYSTEM_PROMPT_FILE)
+        template = system_path.read_text(encoding="utf-8") if system_path is not None else None
+        model_name = os.path.basename(model.rstrip("/"))
+        return cls(tokenizer, model_name=model_name, system_prompt_template=template, max_images=max_images)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    def default_system_prompt(self, today: dt.date | None = None) -> str | None:
+        if self._system_prompt_template is None:
+            return None
+        return fill_system_prompt(
+            self._system_prompt_template, model_name=self._model_name, today=today or dt.date.today()
+        )
+
+    def build(self, chat: chat_pb2.ChatRequest, *, today: dt.date | None = None) -> BuiltPrompt:
+        """Token ids (and images) of the prompt; raises PromptError on a conversation the model refuses."""
+        request, images = self.to_mistral_request(chat, today=today)
+        try:
+            tokenized = self._tokenizer.encode_chat_completion(request)
+        except (MistralCommonException, AssertionError, ValidationError, ValueError, KeyError) as exc:
+            # mistral_common reports bad conversations with asserts and its own exceptions alike.
+            raise PromptError(f"invalid conversation: {exc}") from exc
+        tokens: list[int] = list(tokenized.tokens)
+        image_tokens = sum(1 for t in tokens if t in self._image_token_ids)
+        return BuiltPrompt(token_ids=tokens, images=images, image_tokens=image_tokens)
+
+    def to_mistral_request(
+        self, chat: chat_pb2.ChatRequest, *, today: dt.date | None = None
+    ) -> tuple[ChatCompletionRequest[Any], list[Image.Image]]:
+        """The `mistral_common` request for `chat`, with the images it carries, in order."""
+        if not chat.messages:
+            raise PromptError("messages must not be empty")
+        images: list[Image.Image] = []
+        messages: list[Any] = []
+        has_system = any(m.role == chat_pb2.ROLE_SYSTEM for m in chat.messages)
+        default_system = None if has_system else self.default_system_prompt(today)
+        if default_system:
+            messages.append(SystemMessage(content=default_system))
+        for index, message in enumerate(chat.messages):
+            messages.append(self._message(index, message, images))
+        if len(images) > self.max_images:
+            raise PromptError(f"{len(images)} images in the prompt; at most {self.max_images} are allowed")
+        if images and not self.supports_images:
+            raise PromptError("this model does not accept images")
+        tools = [_tool(t) for t in chat.tools] or None
+        try:
+            request = ChatCompletionRequest(
+                messages=messages,
+                tools=tools,
+                tool_choice=_tool_choice(chat.tool_choice),
+            )
+        except (ValidationError, ValueError) as exc:
+            raise PromptError(f"invalid request: {exc}") from exc
+        return request, images
+
+    def _message(self, index: int, message: chat_pb2.Message, images: list[Image.Image]) -> Any:
+        where = f"messages[{index}]"
+        try:
+            if message.role == chat_pb2.ROLE_SYSTEM:
+                return SystemMessage(content=_text_only(message.content, where))
+            if message.role == chat_pb2.ROLE_USER:
+                return UserMessage(content=self._user_content(message.content, images, where))
+            if message.role == chat_pb2.ROLE_ASSISTANT:
+                text = _text_only(message.content, where) if message.content else None
+                calls = [
+                    ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments_json or "{}"))
+                    for c in message.tool_calls
+                ]
+                return AssistantMessage(content=text, tool_calls=calls or None, prefix=message.prefix)
+            if message.role == chat_pb2.ROLE_TOOL:
+                if not message.tool_call_id:
+                    raise PromptError(f"{where}: a tool message needs tool_call_id")
+                return ToolMessage(
+                    content=_text_only(message.content, where), tool_call_id=message.tool_call_id
+                )
+        except ValidationError as exc:
+            raise PromptError(f"{where}: {exc}") from exc
+        raise PromptError(f"{where}: role must be set")
+
+    def _user_content(
+        self, parts: Sequence[chat_pb2.ContentPart], images: list[Image.Image], where: str
+    ) -> str | list[Any]:
+        # One text part stays a plain string, as an OpenAI-style string content does in vLLM's path:
+        # mistral_common encodes a list of chunks chunk by chunk, which can tokenize differently.
+        if len(parts) == 1 and parts[0].WhichOneof("kind") == "text":
+            return parts[0].text
+        chunks: list[Any] = []
+        for i, part in enumerate(parts):
+            kind = part.WhichOneof("kind")
+            if kind == "text":
+                chunks.append(TextChunk(text=part.text))
+            elif kind == "image":
+                if len(images) >= self.max_images:
+                    raise PromptError(f"more than {self.max_images} images in the prompt")
+                image = decode_image(part.image.data)
+                images.append(image)
+                chunks.append(ImageChunk(image=image))
+            elif kind == "image_url":
+                if len(images) >= self.max_images:
+                    raise PromptError(f"more than {self.max_images} images in the prompt")
+                image = decode_data_url(part.image_url)
+                images.append(image)
+                chunks.append(ImageChunk(image=image))
+            else:
+                raise PromptError(f"{where}.content[{i}] is empty")
+        if not chunks:
+            raise PromptError(f"{where}: a user message needs content")
+        return chunks
+
+
+def _text_only(parts: Sequence[chat_pb2.ContentPart], where: str) -> str:
+    texts = []
+    for i, part in enumerate(parts):
+        if part.WhichOneof("kind") != "text":
+            raise PromptError(f"{where}.content[{i}]: only user messages may hold images")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _tool(tool: chat_pb2.Tool) -> Any:
+    try:
+        parameters = json.loads(tool.parameters_json_schema) if tool.parameters_json_schema else {}
+    except json.JSONDecodeError as exc:
+        raise PromptError(f"tool {tool.name!r}: parameters_json_schema is not JSON: {exc}") from exc
+    if not isinstance(parameters, dict):
+        raise PromptError(f"tool {tool.name!r}: parameters_json_schema must be a JSON object")
+    try:
+        return Tool(function=Function(name=tool.name, description=tool.description, parameters=parameters))
+    except ValidationError as exc:
+        raise PromptError(f"tool {tool.name!r}: {exc}") from exc
+
+
+def _tool_choice(choice: chat_pb2.ToolChoice) -> Any:
+    mode = choice.mode
+    if mode == chat_pb2.ToolChoice.MODE_NONE:
+        return ToolChoiceEnum.none
+    if mode == chat_pb2.ToolChoice.MODE_ANY:
+        return ToolChoiceEnum.any
+    if mode == chat_pb2.ToolChoice.MODE_FUNCTION:
+        if not choice.function_name:
+            raise PromptError("tool_choice FUNCTION needs function_name")
+        return NamedToolChoice(function=FunctionName(name=choice.function_name))
+    return ToolChoiceEnum.auto

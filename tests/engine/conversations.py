@@ -1,0 +1,170 @@
+"""Conversations the fidelity tests run both ways: as our `ChatRequest` and as vLLM's OpenAI-style chat."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from mistral_serve.v1 import chat_pb2 as pb
+
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
+    "required": ["city"],
+}
+
+
+def make_png(width: int = 84, height: int = 56) -> bytes:
+    """A small deterministic RGB image: 84x56 px is 3x2 image tokens at 28 px per merged patch."""
+    image = Image.new("RGB", (width, height))
+    image.putdata(
+        [((x * 3) % 256, (y * 5) % 256, (x * y) % 256) for y in range(height) for x in range(width)]
+    )
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def text(s: str) -> pb.ContentPart:
+    return pb.ContentPart(text=s)
+
+
+@dataclass
+class Conversation:
+    name: str
+    chat: pb.ChatRequest
+    openai_messages: list[dict[str, Any]]
+    openai_tools: list[dict[str, Any]] | None = None
+    continue_final_message: bool = False
+    needs_vision: bool = False
+    max_tokens: int = 24
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sampling(max_tokens: int) -> pb.SamplingParams:
+    return pb.SamplingParams(temperature=0.0, max_tokens=max_tokens)
+
+
+def text_conversation() -> Conversation:
+    chat = pb.ChatRequest(
+        messages=[
+            pb.Message(role=pb.ROLE_SYSTEM, content=[text("You answer in one short sentence.")]),
+            pb.Message(role=pb.ROLE_USER, content=[text("What is the capital of France?")]),
+            pb.Message(role=pb.ROLE_ASSISTANT, content=[text("Paris.")]),
+            pb.Message(role=pb.ROLE_USER, content=[text("And of Italy? Ünïcödé, 日本語 ✓")]),
+        ],
+        sampling=_sampling(24),
+    )
+    messages = [
+        {"role": "system", "content": "You answer in one short sentence."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of Italy? Ünïcödé, 日本語 ✓"},
+    ]
+    return Conversation("text", chat, messages)
+
+
+def tool_conversation() -> Conversation:
+    args = json.dumps({"city": "Paris"})
+    chat = pb.ChatRequest(
+        messages=[
+            pb.Message(role=pb.ROLE_SYSTEM, content=[text("Use tools when they help.")]),
+            pb.Message(role=pb.ROLE_USER, content=[text("Weather in Paris?")]),
+            pb.Message(
+                role=pb.ROLE_ASSISTANT,
+                tool_calls=[pb.FunctionCall(id="aB3dE5gH9", name="get_weather", arguments_json=args)],
+            ),
+            pb.Message(role=pb.ROLE_TOOL, tool_call_id="aB3dE5gH9", content=[text('{"temp_c": 21}')]),
+            pb.Message(role=pb.ROLE_USER, content=[text("And in Rome?")]),
+        ],
+        tools=[
+            pb.Tool(
+                name="get_weather",
+                description="Current weather in a city.",
+                parameters_json_schema=json.dumps(WEATHER_SCHEMA),
+            )
+        ],
+        sampling=_sampling(24),
+    )
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "Use tools when they help."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "aB3dE5gH9",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": args},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "aB3dE5gH9", "content": '{"temp_c": 21}'},
+        {"role": "user", "content": "And in Rome?"},
+    ]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Current weather in a city.",
+                "parameters": WEATHER_SCHEMA,
+            },
+        }
+    ]
+    return Conversation("tools", chat, messages, openai_tools=tools)
+
+
+def prefix_conversation() -> Conversation:
+    chat = pb.ChatRequest(
+        messages=[
+            pb.Message(role=pb.ROLE_SYSTEM, content=[text("Be terse.")]),
+            pb.Message(role=pb.ROLE_USER, content=[text("Count to five.")]),
+            pb.Message(role=pb.ROLE_ASSISTANT, content=[text("One, two,")], prefix=True),
+        ],
+        sampling=_sampling(16),
+    )
+    messages = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Count to five."},
+        {"role": "assistant", "content": "One, two,"},
+    ]
+    return Conversation("prefix", chat, messages, continue_final_message=True, max_tokens=16)
+
+
+def image_conversation() -> Conversation:
+    url = data_url(make_png())
+    chat = pb.ChatRequest(
+        messages=[
+            pb.Message(role=pb.ROLE_SYSTEM, content=[text("Describe images.")]),
+            pb.Message(
+                role=pb.ROLE_USER, content=[text("What is in this picture?"), pb.ContentPart(image_url=url)]
+            ),
+        ],
+        sampling=_sampling(16),
+    )
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "Describe images."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": url}},
+            ],
+        },
+    ]
+    return Conversation("image", chat, messages, needs_vision=True, max_tokens=16)
+
+
+def all_conversations() -> list[Conversation]:
+    return [text_conversation(), tool_conversation(), prefix_conversation(), image_conversation()]

@@ -1,0 +1,238 @@
+"""`VllmEngine`: the `Engine` protocol on vLLM's `AsyncLLM`. The only module that imports vllm.
+
+The prompt is built here with `mistral_common` (`mistral_serve.common.prompts`), the same way vLLM's
+own chat path builds it with `tokenizer_mode=mistral`, and handed to vLLM as token ids plus the decoded
+images. That keeps one prompt builder for the frontend's token counts and the worker, and lets a resumed
+request continue from exact token ids rather than re-tokenized text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, cast, get_args
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.inputs import TokensPrompt
+from vllm.sampling_params import RequestOutputKind
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from mistral_serve.common.env import SettingError, env_bool, env_float, env_int, env_opt_str, env_str
+from mistral_serve.common.prompts import PromptBuilder, PromptError
+from mistral_serve.v1 import chat_pb2
+from mistral_serve.worker.engine import EngineFinishReason, EngineOutput, EngineRequest, EngineRequestError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
+# The model card's recommended temperature, used when a request leaves it unset.
+DEFAULT_TEMPERATURE = 0.15
+DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+_FINISH_REASONS: dict[str, EngineFinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+@dataclass(frozen=True, slots=True)
+class VllmEngineSettings:
+    model: str = DEFAULT_MODEL  # MISTRAL_SERVE_MODEL: hub id or local folder in Mistral's layout
+    tensor_parallel: int = 2  # MISTRAL_SERVE_TENSOR_PARALLEL: GPUs one engine spans (the card's 2)
+    max_model_len: int = 131072  # MISTRAL_SERVE_MAX_MODEL_LEN: context length, prompt + output
+    gpu_memory_utilization: float = 0.90  # MISTRAL_SERVE_GPU_MEMORY_UTILIZATION: GPU memory vLLM may take
+    max_images_per_prompt: int = 10  # MISTRAL_SERVE_MAX_IMAGES_PER_PROMPT: the card's image limit
+    tokenizer_mode: str = "mistral"  # MISTRAL_SERVE_TOKENIZER_MODE: tekken.json via mistral_common
+    config_format: str = "mistral"  # MISTRAL_SERVE_CONFIG_FORMAT: params.json
+    load_format: str = "mistral"  # MISTRAL_SERVE_LOAD_FORMAT: consolidated.safetensors
+    kv_cache_bytes: int | None = (
+        None  # MISTRAL_SERVE_KV_CACHE_BYTES: fixed KV cache size; unset: by utilization
+    )
+    enforce_eager: bool = False  # MISTRAL_SERVE_ENFORCE_EAGER: skip CUDA graphs (faster start, slower decode)
+    dtype: DType = "auto"  # MISTRAL_SERVE_DTYPE: weights' dtype ("auto" keeps the checkpoint's bf16)
+    max_num_seqs: int | None = None  # MISTRAL_SERVE_MAX_NUM_SEQS: requests batched per step; unset: vLLM's
+    executor_backend: str | None = None  # MISTRAL_SERVE_EXECUTOR_BACKEND: "mp", "uni", "ray"; unset: vLLM's
+    seed: int = 0  # MISTRAL_SERVE_SEED: engine seed, for requests without their own
+    log_stats: bool = False  # MISTRAL_SERVE_VLLM_LOG_STATS: vLLM's periodic stats log lines
+
+    @classmethod
+    def from_env(cls) -> VllmEngineSettings:
+        kv_raw = env_opt_str("KV_CACHE_BYTES")
+        max_seqs_raw = env_opt_str("MAX_NUM_SEQS")
+        settings = cls(
+            model=env_str("MODEL", DEFAULT_MODEL),
+            tensor_parallel=env_int("TENSOR_PARALLEL", 2, minimum=1),
+            max_model_len=env_int("MAX_MODEL_LEN", 131072, minimum=16),
+            gpu_memory_utilization=env_float("GPU_MEMORY_UTILIZATION", 0.90, minimum=0.01),
+            max_images_per_prompt=env_int("MAX_IMAGES_PER_PROMPT", 10, minimum=0),
+            tokenizer_mode=env_str("TOKENIZER_MODE", "mistral"),
+            config_format=env_str("CONFIG_FORMAT", "mistral"),
+            load_format=env_str("LOAD_FORMAT", "mistral"),
+            kv_cache_bytes=None if kv_raw is None else env_int("KV_CACHE_BYTES", 0, minimum=1),
+            enforce_eager=env_bool("ENFORCE_EAGER", False),
+            dtype=_dtype(env_str("DTYPE", "auto")),
+            max_num_seqs=None if max_seqs_raw is None else env_int("MAX_NUM_SEQS", 0, minimum=1),
+            executor_backend=env_opt_str("EXECUTOR_BACKEND"),
+            seed=env_int("SEED", 0),
+            log_stats=env_bool("VLLM_LOG_STATS", False),
+        )
+        if settings.gpu_memory_utilization > 1:
+            raise SettingError("MISTRAL_SERVE_GPU_MEMORY_UTILIZATION must be at most 1")
+        return settings
+
+    def engine_args(self) -> AsyncEngineArgs:
+        return AsyncEngineArgs(
+            model=self.model,
+            tokenizer_mode=self.tokenizer_mode,
+            config_format=self.config_format,
+            load_format=self.load_format,
+            tensor_parallel_size=self.tensor_parallel,
+            max_model_len=self.max_model_len,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=self.kv_cache_bytes,
+            limit_mm_per_prompt={"image": self.max_images_per_prompt},
+            enforce_eager=self.enforce_eager,
+            dtype=self.dtype,
+            max_num_seqs=self.max_num_seqs,
+            distributed_executor_backend=self.executor_backend,
+            seed=self.seed,
+            disable_log_stats=not self.log_stats,
+        )
+
+
+class VllmEngine:
+    """Serves one model with vLLM's `AsyncLLM`. `start` once, then `generate` concurrently."""
+
+    def __init__(self, settings: VllmEngineSettings) -> None:
+        self.settings = settings
+        self._llm: AsyncLLM | None = None
+        self._builder: PromptBuilder | None = None
+
+    @classmethod
+    def from_env(cls) -> VllmEngine:
+        return cls(VllmEngineSettings.from_env())
+
+    @property
+    def prompt_builder(self) -> PromptBuilder:
+        if self._builder is None:
+            raise RuntimeError("engine not started")
+        return self._builder
+
+    async def start(self) -> None:
+        if self._llm is not None:
+            return
+        builder = await asyncio.to_thread(
+            PromptBuilder.from_model, self.settings.model, max_images=self.settings.max_images_per_prompt
+        )
+        # Building the engine loads the weights and profiles memory: seconds to minutes of blocking work.
+        # Off the event loop, so the worker's health server and heartbeats keep answering meanwhile.
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.settings.engine_args())
+        self._builder, self._llm = builder, llm
+        logger.info("vLLM engine ready: %s", self.settings.model)
+
+    def is_ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    def running_count(self) -> int:
+        return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    async def shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.shutdown)
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        llm = self._llm
+        if llm is None:
+            raise RuntimeError("engine not started")
+        try:
+            built = self.prompt_builder.build(request.chat)
+        except PromptError as exc:
+            raise EngineRequestError(str(exc)) from exc
+        prompt_ids = built.token_ids + list(request.resume_token_ids)
+        room = self.settings.max_model_len - len(prompt_ids)
+        if room <= 0 or len(built.token_ids) >= self.settings.max_model_len:
+            raise EngineRequestError(
+                f"prompt of {len(prompt_ids)} tokens leaves no room in the context of "
+                f"{self.settings.max_model_len} tokens"
+            )
+        prompt_tokens, image_tokens = built.prompt_tokens, built.image_tokens
+        max_tokens = _max_new_tokens(request.chat.sampling, room, len(request.resume_token_ids))
+        if max_tokens <= 0:
+            # A resumed request that had already produced all the tokens it asked for.
+            yield EngineOutput("", (), prompt_tokens, image_tokens, "length")
+            return
+        prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+        if built.images:
+            prompt["multi_modal_data"] = {"image": built.images}
+        params = sampling_params(request.chat.sampling, max_tokens)
+
+        stream = llm.generate(prompt, params, request.request_id)
+        finished = False
+        try:
+            async for out in stream:
+                completion = out.outputs[0]
+                reason = _finish_reason(completion.finish_reason) if out.finished else None
+                finished = out.finished
+                yield EngineOutput(
+                    text=completion.text,
+                    token_ids=tuple(completion.token_ids),
+                    prompt_tokens=prompt_tokens,
+                    image_tokens=image_tokens,
+                    finish_reason=reason,
+                )
+        except VLLMClientError as exc:
+            raise EngineRequestError(str(exc)) from exc
+        finally:
+            if not finished:
+                # Closing vLLM's generator aborts the request in the engine and frees its KV cache.
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+
+
+def _max_new_tokens(sampling: chat_pb2.SamplingParams, room: int, already: int) -> int:
+    """Tokens still to generate: as asked (less those already sent), capped by the context."""
+    if sampling.HasField("max_tokens"):
+        return min(sampling.max_tokens - already, room)
+    return room
+
+
+def sampling_params(sampling: chat_pb2.SamplingParams, max_tokens: int) -> SamplingParams:
+    kwargs: dict[str, Any] = {
+        "temperature": sampling.temperature if sampling.HasField("temperature") else DEFAULT_TEMPERATURE,
+        "max_tokens": max_tokens,
+        "stop": list(sampling.stop) or None,
+        # Each output carries only what is new since the last one.
+        "output_kind": RequestOutputKind.DELTA,
+    }
+    if sampling.HasField("top_p"):
+        kwargs["top_p"] = sampling.top_p
+    if sampling.HasField("seed"):
+        kwargs["seed"] = sampling.seed
+    if sampling.HasField("presence_penalty"):
+        kwargs["presence_penalty"] = sampling.presence_penalty
+    if sampling.HasField("frequency_penalty"):
+        kwargs["frequency_penalty"] = sampling.frequency_penalty
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise EngineRequestError(f"invalid sampling parameters: {exc}") from exc
+
+
+def _dtype(value: str) -> DType:
+    if value not in get_args(DType):
+        raise SettingError(f"MISTRAL_SERVE_DTYPE={value!r} is not one of {get_args(DType)}")
+    return cast(DType, value)
+
+
+def _finish_reason(reason: str | None) -> EngineFinishReason:
+    mapped = _FINISH_REASONS.get(reason or "")
+    if mapped is None:
+        # vLLM's "error": the engine failed this request; not the caller's fault.
+        raise RuntimeError(f"vLLM ended the request with finish reason {reason!r}")
+    return mapped
