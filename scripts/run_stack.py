@@ -122,15 +122,14 @@ def main() -> None:
             print("\nServing; Ctrl-C stops the stack.")
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
+        # Worker and frontend drain first (they still need Redis), then Redis stops.
         for child in reversed(children):
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        for child in reversed(children):
             try:
-                child.wait(timeout=60)
+                child.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 child.kill()
-
 
 if __name__ == "__main__":
     main()
