@@ -115,6 +115,9 @@ class Processes:
             "MISTRAL_SERVE_GRPC_PORT" if kind == "frontend" else "MISTRAL_SERVE_HEALTH_PORT": str(port),
             "MISTRAL_SERVE_ENGINE": "tests.support.scripted_engine:from_env",
             "MISTRAL_SERVE_LOG_FORMAT": "json",
+            # A free port each, so that processes never collide on the 9090/9091 defaults.
+            "MISTRAL_SERVE_METRICS_PORT": "0",
+            "MISTRAL_SERVE_METRICS_HOST": "127.0.0.1",
         }
         env.update(
             {

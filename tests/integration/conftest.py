@@ -32,6 +32,8 @@ class Stack:
                 grpc_port=0,
                 drain_grace_s=1.0,
                 health_interval_s=0.1,
+                metrics_port=0,  # a free port each: in-process stacks never collide
+                metrics_host="127.0.0.1",
             ),
             **overrides,
         )
@@ -47,6 +49,8 @@ class Stack:
                 health_port=0,
                 block_ms=200,
                 drain_grace_s=1.0,
+                metrics_port=0,
+                metrics_host="127.0.0.1",
             ),
             **overrides,
         )

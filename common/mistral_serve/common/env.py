@@ -50,3 +50,12 @@ def env_bool(name: str, default: bool) -> bool:
     if raw.lower() in ("0", "false", "no", "off"):
         return False
     raise SettingError(f"{ENV_PREFIX}{name}={raw!r} is not a boolean")
+
+
+def env_port_or_off(name: str, default: int | None) -> int | None:
+    """A port number (0 picks a free one), or None when the variable says `off`."""
+    raw = os.environ.get(ENV_PREFIX + name, "").strip()
+    if raw.lower() in ("off", "none", "disabled"):
+        return None
+    value = env_int(name, -1 if default is None else default, minimum=-1)
+    return None if value < 0 else value

@@ -5,16 +5,24 @@ from __future__ import annotations
 import uvloop
 
 from mistral_serve.common.logs import configure
+from mistral_serve.common.telemetry import setup_tracing
 
 from .server import serve
 from .servicer import TokenCounter
 from .settings import FrontendSettings
 
+# The service name of this process's spans and logs unless OTEL_SERVICE_NAME says otherwise.
+SERVICE_NAME = "mistral-serve-frontend"
+
 
 def main() -> None:
     settings = FrontendSettings.from_env()
-    configure(settings.log_format)
-    uvloop.run(serve(settings, token_counter(settings)))
+    configure(settings.log_format, service=SERVICE_NAME)
+    tracing = setup_tracing(SERVICE_NAME)
+    try:
+        uvloop.run(serve(settings, token_counter(settings)))
+    finally:
+        tracing.shutdown()  # flush the spans still batched
 
 
 def token_counter(settings: FrontendSettings) -> TokenCounter | None:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as redis
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from redis.exceptions import RedisError
 
 from mistral_serve.common import keys
+from mistral_serve.common.logs import bind_request_id
+from mistral_serve.common.telemetry import get_tracer
+from mistral_serve.common.tracecontext import inject_into
 from mistral_serve.queue.v1 import queue_pb2
 
 from .errors import BackendUnavailable, QueueFull
+from .metrics import FrontendMetrics
 
 # Admission is one atomic step so that concurrent frontends never push the backlog past its bound.
 # The backlog is the length of the pool's band streams: workers delete entries once they are done
@@ -46,6 +54,8 @@ class RequestQueue:
         retry_after_s: float,
         frontend_id: str,
         cancel_ttl_s: int,
+        tracer: trace.Tracer | None = None,
+        metrics: FrontendMetrics | None = None,
     ) -> None:
         self._redis = client
         self._pool = pool
@@ -56,20 +66,59 @@ class RequestQueue:
         self._retry_after_s = retry_after_s
         self._cancel_ttl_s = cancel_ttl_s
         self._admit = client.register_script(_ADMIT)
+        self._tracer = tracer or get_tracer()
+        self._metrics = metrics
 
     async def admit(self, queued: queue_pb2.QueuedRequest) -> None:
         """Queue `queued` in its priority band, or raise QueueFull when the band's bound is reached."""
         band = keys.band_of(queued.request.priority)
         bound = admission_bound(self._max_backlog, band)
+        span = self._start_producer(queued, band)
         try:
             entry_id = await self._admit(
                 keys=[*self._streams, self._wake, keys.request_stream(self._pool, band)],
                 args=[bound, keys.REQUEST_FIELD, queued.SerializeToString()],
             )
         except RedisError as exc:
+            self._end_producer(span, band, "unavailable", error=exc)
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
         if entry_id is None:
+            self._end_producer(span, band, "full")
             raise QueueFull(bound, self._retry_after_s)
+        self._end_producer(span, band, "admitted", entry_id=entry_id)
+
+    def _start_producer(self, queued: queue_pb2.QueuedRequest, band: str) -> Span:
+        """The PRODUCER span of this admission, its context written into `queued` for the worker."""
+        stream = keys.request_stream(self._pool, band)
+        bind_request_id(queued.request_id)
+        span = self._tracer.start_span(
+            f"send {stream}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "redis",
+                "messaging.operation.type": "send",
+                "messaging.operation.name": "send",
+                "messaging.destination.name": stream,
+                "mistral_serve.request_id": queued.request_id,
+                "mistral_serve.priority_band": band,
+            },
+        )
+        inject_into(queued, trace.set_span_in_context(span))
+        return span
+
+    def _end_producer(
+        self, span: Span, band: str, result: str, *, entry_id: Any = None, error: Exception | None = None
+    ) -> None:
+        if entry_id is not None:
+            span.set_attribute(
+                "messaging.message.id", entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+            )
+        if result != "admitted":
+            span.set_attribute("error.type", type(error).__qualname__ if error else "QueueFull")
+            span.set_status(Status(StatusCode.ERROR, str(error) if error else "the queue is full"))
+        span.end()
+        if self._metrics is not None:
+            self._metrics.admitted(band, result)
 
     async def cancel(self, request_id: str) -> None:
         """Mark `request_id` cancelled: a flag for a worker yet to start it, a message for one running it."""

@@ -12,8 +12,10 @@ import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
 
 from mistral_serve.common.redis_client import connect
+from mistral_serve.common.telemetry import MetricsServer, get_tracer, serve_metrics
 from mistral_serve.v1 import chat_pb2_grpc
 
 from .auth import AuthInterceptor, KeyStore
@@ -22,9 +24,11 @@ from .fanout import EventFanout
 from .health import READINESS_SERVICE, FrontendHealth
 from .idempotency import Idempotency
 from .image_urls import FetchPolicy, ImageFetcher
+from .metrics import FrontendMetrics, sample_queue
 from .queue import RequestQueue
 from .servicer import ChatServicer, TokenCounter
 from .settings import FrontendSettings
+from .tracing import ServerTelemetry
 from .validation import Limits
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,13 @@ class Frontend:
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
     fetcher: ImageFetcher | None = None
+    metrics: FrontendMetrics | None = None
+    # The /metrics endpoint, when a metrics port is set; its port is the one bound (for port 0).
+    metrics_server: MetricsServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_server is None else self.metrics_server.port
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: readiness NOT_SERVING, no new RPCs, open streams get `grace_s` to finish."""
@@ -60,10 +71,20 @@ class Frontend:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.redis.aclose()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
 
-async def start_frontend(settings: FrontendSettings, token_counter: TokenCounter | None = None) -> Frontend:
+async def start_frontend(
+    settings: FrontendSettings,
+    token_counter: TokenCounter | None = None,
+    *,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> Frontend:
+    """Start a frontend; spans go to `tracer_provider` (tests), else to the process's global provider."""
     client = connect(settings.redis_url, settings.redis_password)
+    metrics = FrontendMetrics(settings.pool)
+    tracer = get_tracer(tracer_provider)
     fanout = EventFanout(client, settings.instance_id)
     queue = RequestQueue(
         client,
@@ -72,11 +93,13 @@ async def start_frontend(settings: FrontendSettings, token_counter: TokenCounter
         retry_after_s=settings.retry_after_s,
         frontend_id=settings.instance_id,
         cancel_ttl_s=settings.event_ttl_s,
+        tracer=tracer,
+        metrics=metrics,
     )
     health = FrontendHealth(client, settings.health_interval_s)
     auth = auth_interceptor(settings)
     server = grpc.aio.server(
-        interceptors=[auth, DecodeGuard((f"/{READINESS_SERVICE}/",))],
+        interceptors=[telemetry_interceptor(tracer, metrics), auth, DecodeGuard((f"/{READINESS_SERVICE}/",))],
         options=[
             # On purpose: the whole request, images included, is held in memory and stored in Redis.
             ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
@@ -110,7 +133,14 @@ async def start_frontend(settings: FrontendSettings, token_counter: TokenCounter
     if health_server is not None:
         await health_server.start()
     loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(fanout.run()), loop.create_task(health.run())]
+    tasks = [
+        loop.create_task(fanout.run()),
+        loop.create_task(health.run()),
+        loop.create_task(sample_queue(client, metrics, settings.metrics_sample_interval_s)),
+    ]
+    metrics_server = None
+    if settings.metrics_port is not None:
+        metrics_server = serve_metrics(metrics.registry, settings.metrics_host, settings.metrics_port)
     log.info(
         "frontend %s listening on port %d (pool %s; TLS %s, client certificates %s, API keys %s, "
         "image URLs %s)",
@@ -125,8 +155,28 @@ async def start_frontend(settings: FrontendSettings, token_counter: TokenCounter
     if (settings.api_keys_file or settings.api_keys) and credentials is None:
         log.warning("API keys travel in plain text: set MISTRAL_SERVE_TLS_CERT_FILE/KEY_FILE or use a mesh")
     return Frontend(
-        settings, server, port, client, health, fanout, tasks, health_server, health_port, fetcher
+        settings,
+        server,
+        port,
+        client,
+        health,
+        fanout,
+        tasks,
+        health_server,
+        health_port,
+        fetcher,
+        metrics,
+        metrics_server,
     )
+
+
+def telemetry_interceptor(tracer: trace.Tracer, metrics: FrontendMetrics) -> ServerTelemetry:
+    """SERVER spans and request metrics for every RPC but health checks and reflection."""
+    excluded = (
+        f"/{health_pb2.DESCRIPTOR.services_by_name['Health'].full_name}/",
+        f"/{reflection.SERVICE_NAME}/",
+    )
+    return ServerTelemetry(tracer, metrics, excluded_prefixes=excluded)
 
 
 def auth_interceptor(settings: FrontendSettings) -> AuthInterceptor:

@@ -6,7 +6,15 @@ import os
 import uuid
 from dataclasses import dataclass, field
 
-from mistral_serve.common.env import SettingError, env_bool, env_float, env_int, env_opt_str, env_str
+from mistral_serve.common.env import (
+    SettingError,
+    env_bool,
+    env_float,
+    env_int,
+    env_opt_str,
+    env_port_or_off,
+    env_str,
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,11 @@ class FrontendSettings:
     health_interval_s: float = 1.0
     # text or json.
     log_format: str = "text"
+    # Prometheus /metrics port (0 picks a free one; None, "off" in the environment, serves none).
+    metrics_port: int | None = 9090
+    metrics_host: str = "0.0.0.0"
+    # How often the queue's depth, lag and oldest wait are sampled into the metrics.
+    metrics_sample_interval_s: float = 5.0
     # Names this process's wake stream; unique per process.
     instance_id: str = field(default_factory=lambda: f"{os.uname().nodename}-{uuid.uuid4().hex[:8]}")
 
@@ -146,6 +159,11 @@ class FrontendSettings:
             idempotency_window_s=env_int("IDEMPOTENCY_WINDOW_S", cls.idempotency_window_s, minimum=1),
             health_interval_s=env_float("HEALTH_INTERVAL_S", cls.health_interval_s, minimum=0.05),
             log_format=env_str("LOG_FORMAT", cls.log_format),
+            metrics_port=env_port_or_off("METRICS_PORT", cls.metrics_port),
+            metrics_host=env_str("METRICS_HOST", cls.metrics_host),
+            metrics_sample_interval_s=env_float(
+                "METRICS_SAMPLE_INTERVAL_S", cls.metrics_sample_interval_s, minimum=0.05
+            ),
         )
 
 

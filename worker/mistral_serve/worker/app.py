@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import importlib
 import logging
 import signal
 from dataclasses import dataclass
 
 import redis.asyncio as redis
+from opentelemetry import trace
 
 from mistral_serve.common.redis_client import connect
+from mistral_serve.common.telemetry import MetricsServer, get_tracer, serve_metrics
 
+from . import tracing
 from .consumer import Consumer
 from .engine import Engine
 from .events import EventWriter
 from .health import WorkerHealth
+from .metrics import CountingEventWriter, ObservedEngine, WorkerMetrics
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,13 @@ class Worker:
     writer: EventWriter
     health: WorkerHealth
     tasks: list[asyncio.Task[None]]
+    metrics: WorkerMetrics | None = None
+    # The /metrics endpoint, when a metrics port is set; its port is the one bound (for port 0).
+    metrics_server: MetricsServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.metrics_server is None else self.metrics_server.port
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: stop claiming, give running jobs `grace_s`, leave the rest unacked."""
@@ -58,24 +70,36 @@ class Worker:
         await self.health.stop()
         await self.engine.shutdown()
         await self.redis.aclose()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
 
 
-async def start_worker(settings: WorkerSettings, engine: Engine) -> Worker:
+async def start_worker(
+    settings: WorkerSettings, engine: Engine, *, tracer_provider: trace.TracerProvider | None = None
+) -> Worker:
+    """Start a worker; spans go to `tracer_provider` (tests), else to the process's global provider."""
     client = connect(settings.redis_url, settings.redis_password, max_connections=settings.max_inflight + 8)
-    health = WorkerHealth(client, engine)
+    metrics = WorkerMetrics(settings.model_name)
+    health = WorkerHealth(
+        client,
+        engine,
+        deep_timeout_s=settings.deep_health_timeout_s,
+        on_deep_check=lambda passed: metrics.deep_health.set(1 if passed else 0),
+    )
     await health.serve(settings.health_host, settings.health_port)
     loop = asyncio.get_running_loop()
     health_task = loop.create_task(health.run())
     await engine.start()
-    writer = EventWriter(
+    writer = CountingEventWriter(
         client,
+        metrics=metrics,
         ttl_s=settings.event_ttl_s,
         interval_s=settings.flush_interval_ms / 1000,
         max_events=settings.flush_max_events,
     )
     consumer = Consumer(
         client,
-        engine,
+        ObservedEngine(engine, metrics),
         writer,
         pool=settings.pool,
         consumer_name=settings.consumer_name,
@@ -85,20 +109,38 @@ async def start_worker(settings: WorkerSettings, engine: Engine) -> Worker:
         max_attempts=settings.max_attempts,
     )
     await consumer.ensure_group()
+    metrics.inflight.set_function(lambda: consumer.inflight)
+    # The tasks that start jobs carry the worker's telemetry to generate_events (see tracing.py).
+    jobs = contextvars.copy_context()
+    jobs.run(
+        tracing.bind,
+        tracing.WorkerTelemetry(
+            get_tracer(tracer_provider),
+            metrics,
+            model=settings.model_name,
+            pool=settings.pool,
+            trace_content=settings.trace_content,
+        ),
+    )
     tasks = [
         health_task,
         loop.create_task(writer.run()),
         loop.create_task(consumer.listen_for_cancels()),
-        loop.create_task(consumer.run()),
-        loop.create_task(consumer.run_leases()),
+        loop.create_task(consumer.run(), context=jobs.copy()),
+        loop.create_task(consumer.run_leases(), context=jobs.copy()),
     ]
+    if settings.deep_health_interval_s > 0:
+        tasks.append(loop.create_task(health.run_deep(settings.deep_health_interval_s)))
+    metrics_server = None
+    if settings.metrics_port is not None:
+        metrics_server = serve_metrics(metrics.registry, settings.metrics_host, settings.metrics_port)
     log.info(
         "worker %s serving pool %s, %d jobs at once",
         settings.consumer_name,
         settings.pool,
         settings.max_inflight,
     )
-    return Worker(settings, client, engine, consumer, writer, health, tasks)
+    return Worker(settings, client, engine, consumer, writer, health, tasks, metrics, metrics_server)
 
 
 async def serve(settings: WorkerSettings) -> None:

@@ -11,6 +11,7 @@ from mistral_serve.v1 import chat_pb2
 from .engine import Engine, EngineFinishReason, EngineRequest
 from .events import EventWriter
 from .tool_calls import ToolCallStreamParser
+from .tracing import JobObservation
 
 _FINISH_REASONS: dict[EngineFinishReason, chat_pb2.FinishReason.ValueType] = {
     "stop": chat_pb2.FINISH_REASON_STOP,
@@ -62,11 +63,20 @@ async def generate_events(
 
     With `resume`, the engine continues after the tokens already streamed, the parser is brought to
     the state it had then (by feeding it the raw text again, its output dropped: the caller has it),
-    and sequence numbers go on from the last one sent.
+    and sequence numbers go on from the last one sent. The run is traced and measured (`tracing`).
     """
-    resume = resume or Resume()
+    resumed_tokens = None if resume is None else len(resume.token_ids)
+    with JobObservation(queued, resumed_tokens=resumed_tokens) as job:
+        finished = await _generate(engine, writer, queued, resume or Resume(), job)
+        job.finished(finished.finished)
+        return finished
+
+
+async def _generate(
+    engine: Engine, writer: EventWriter, queued: queue_pb2.QueuedRequest, resume: Resume, job: JobObservation
+) -> chat_pb2.ChatEvent:
     request_id = queued.request_id
-    started_at = time.time()
+    started_at = job.started_at
     parser = ToolCallStreamParser(call_id_seed=request_id)
     parser.feed(resume.raw_text)
     sequence = resume.sequence
@@ -78,6 +88,8 @@ async def generate_events(
     def emit(text: str, calls: list[chat_pb2.FunctionCallDelta]) -> None:
         nonlocal sequence, unsent
         sequence += 1
+        if job.output is not None:
+            job.output.append(text)
         delta = chat_pb2.Delta(
             sequence=sequence, text=text, tool_calls=calls, token_count=len(unsent.token_ids)
         )
@@ -98,7 +110,8 @@ async def generate_events(
         unsent.token_ids.extend(out.token_ids)
         unsent.raw_text.append(out.text)
         if first_token_at is None and out.token_ids:
-            first_token_at = time.time()
+            job.first_token()
+            first_token_at = job.first_token_at
         text, calls = parser.feed(out.text)
         if text or calls:
             emit(text, calls)

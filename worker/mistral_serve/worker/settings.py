@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from mistral_serve.common.env import env_float, env_int, env_opt_str, env_str
+from mistral_serve.common.env import env_bool, env_float, env_int, env_opt_str, env_port_or_off, env_str
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,17 @@ class WorkerSettings:
     engine: str = "vllm"
     # text or json.
     log_format: str = "text"
+    # Served model's name, as spans and metrics report it (gen_ai.request.model).
+    model_name: str = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
+    # Prometheus /metrics port (0 picks a free one; None, "off" in the environment, serves none).
+    metrics_port: int | None = 9091
+    metrics_host: str = "0.0.0.0"
+    # Record message contents (prompt and output text) on generation spans; off: never recorded.
+    trace_content: bool = False
+    # Deep health: a one-token generation this often, answered as "mistral_serve.worker.deep"; 0 is off.
+    deep_health_interval_s: float = 0.0
+    # How long one deep check may take before it counts as failed.
+    deep_health_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
@@ -62,4 +73,12 @@ class WorkerSettings:
             max_attempts=env_int("MAX_ATTEMPTS", cls.max_attempts, minimum=1),
             engine=env_str("ENGINE", cls.engine),
             log_format=env_str("LOG_FORMAT", cls.log_format),
+            model_name=env_str("MODEL", cls.model_name),
+            metrics_port=env_port_or_off("METRICS_PORT", cls.metrics_port),
+            metrics_host=env_str("METRICS_HOST", cls.metrics_host),
+            trace_content=env_bool("TRACE_CONTENT", cls.trace_content),
+            deep_health_interval_s=env_float(
+                "DEEP_HEALTH_INTERVAL_S", cls.deep_health_interval_s, minimum=0.0
+            ),
+            deep_health_timeout_s=env_float("DEEP_HEALTH_TIMEOUT_S", cls.deep_health_timeout_s, minimum=0.1),
         )

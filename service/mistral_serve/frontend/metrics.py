@@ -1,0 +1,128 @@
+"""The frontend's Prometheus metrics: requests by outcome and code, their duration and time to first
+delta, in-flight RPCs, admissions, and the pool's queue depth, lag and oldest wait.
+
+Each frontend has its own registry (so in-process test stacks never share series); `/metrics`
+serves it together with the process-wide default registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as redis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.exceptions import RedisError, ResponseError
+
+from mistral_serve.common import keys
+
+log = logging.getLogger(__name__)
+
+# Seconds; the OpenTelemetry advice for gen_ai.server.request.duration, down to 10 ms.
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+# Seconds; the OpenTelemetry advice for gen_ai.server.time_to_first_token.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+
+
+class FrontendMetrics:
+    def __init__(self, pool: str) -> None:
+        self.pool = pool
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "mistral_serve_requests",
+            "RPCs ended, by method, outcome (ok, error, cancelled) and gRPC / google.rpc code.",
+            ["method", "outcome", "code"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "mistral_serve_request_duration_seconds",
+            "RPC duration at the frontend, from its arrival to its last message (end to end).",
+            ["method"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_delta = Histogram(
+            "mistral_serve_time_to_first_token_seconds",
+            "Streaming RPCs: time from the RPC's arrival to the first delta sent to the caller.",
+            ["method"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "mistral_serve_inflight_requests", "RPCs being served right now.", ["method"], registry=r
+        )
+        self.admissions = Counter(
+            "mistral_serve_queue_admissions",
+            "Admission attempts by priority band and result (admitted, full, unavailable).",
+            ["pool", "band", "result"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "mistral_serve_queue_depth",
+            "Requests in the pool's band stream: waiting plus running (what admission bounds).",
+            ["pool", "band"],
+            registry=r,
+        )
+        self.queue_lag = Gauge(
+            "mistral_serve_queue_lag",
+            "Requests no worker has claimed yet (the consumer group's lag).",
+            ["pool", "band"],
+            registry=r,
+        )
+        self.queue_oldest_wait = Gauge(
+            "mistral_serve_queue_oldest_waiting_seconds",
+            "Age of the oldest request no worker has claimed yet (0 when none waits).",
+            ["pool", "band"],
+            registry=r,
+        )
+
+    def admitted(self, band: str, result: str) -> None:
+        self.admissions.labels(self.pool, band, result).inc()
+
+
+async def sample_queue(client: redis.Redis, metrics: FrontendMetrics, interval_s: float) -> None:
+    """Keep the queue gauges current: one pipelined round trip per interval."""
+    while True:
+        try:
+            await _sample_once(client, metrics)
+        except RedisError as exc:
+            log.debug("queue metrics: Redis does not answer: %s", exc)
+        await asyncio.sleep(interval_s)
+
+
+async def _sample_once(client: redis.Redis, metrics: FrontendMetrics) -> None:
+    now_ms = time.time() * 1000
+    for band in keys.BANDS:
+        stream = keys.request_stream(metrics.pool, band)
+        depth = int(await client.xlen(stream))
+        lag, next_id = depth, b"-"
+        with contextlib.suppress(ResponseError):  # no such stream or group yet: all of it waits
+            group = _group_info(await client.xinfo_groups(stream))
+            if group is not None:
+                # Workers delete entries once acked, so the stream is the claimed (pending) entries
+                # plus the unclaimed ones. (Redis's own `lag` turns null once entries are deleted.)
+                lag = max(depth - int(group.get("pending", 0)), 0)
+                next_id = b"(" + _as_bytes(group.get("last-delivered-id", b"0-0"))
+        oldest = 0.0
+        if lag > 0:
+            first = await client.xrange(stream, min=next_id, count=1)
+            if first:
+                oldest = max(now_ms - int(_as_bytes(first[0][0]).split(b"-")[0]), 0.0) / 1000
+        metrics.queue_depth.labels(metrics.pool, band).set(depth)
+        metrics.queue_lag.labels(metrics.pool, band).set(lag)
+        metrics.queue_oldest_wait.labels(metrics.pool, band).set(oldest)
+
+
+def _group_info(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for group in groups:
+        if _as_bytes(group.get("name", b"")) == keys.WORKER_GROUP.encode():
+            return group
+    return None
+
+
+def _as_bytes(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
