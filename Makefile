@@ -28,7 +28,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup protos run test test-fast lint typecheck tiny-model bench clean
+.PHONY: setup protos run test test-fast lint typecheck tiny-model soak bench clean
 
 setup: $(VENV)/.installed
 
@@ -76,6 +76,10 @@ lint: setup protos
 
 typecheck: setup protos
 	mypy common/mistral_serve/common service worker client
+
+# 256 streams for 5 minutes against a frontend and two workers, a worker killed every 20 s.
+soak: setup protos
+	$(PY) -m tests.soak.run --duration 300 --streams 256 --kill-every 20
 
 bench: setup protos
 	$(PY) bench/relay.py

@@ -130,10 +130,10 @@ async def test_client_retry_waits_out_a_full_queue(stack: Stack) -> None:
     assert (await second).text.startswith("second")
 
 
-async def test_client_cancel_aborts_the_job_in_the_engine(stack: Stack) -> None:
-    frontend = await stack.frontend()
+async def test_client_cancel_aborts_the_job_in_the_engine_after_the_detach_grace(stack: Stack) -> None:
+    frontend = await stack.frontend(detach_grace_s=0.3)
     engine = ScriptedEngine(tokens_per_s=50, default_tokens=1000)
-    await stack.worker(engine)
+    await stack.worker(engine, attach_check_interval_s=0.05)
     client = stack.client(frontend)
 
     stream = client.stream(chat("long one"))

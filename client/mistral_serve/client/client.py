@@ -17,6 +17,8 @@ from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
 
 # Codes worth retrying before anything was received: the request never ran.
 _RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+# Codes of a stream broken under a running request (a frontend lost, a connection reset).
+_BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
 
 def user_message(text: str) -> chat_pb2.Message:
@@ -31,6 +33,7 @@ class ChatClient:
         api_key: str | None = None,
         timeout_s: float = 600.0,
         max_attempts: int = 4,
+        max_reattaches: int = 8,
         backoff_s: float = 0.2,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
@@ -43,6 +46,7 @@ class ChatClient:
         )
         self._timeout_s = timeout_s
         self._max_attempts = max_attempts
+        self._max_reattaches = max_reattaches
         self._backoff_s = backoff_s
 
     async def __aenter__(self) -> ChatClient:
@@ -59,27 +63,76 @@ class ChatClient:
     async def stream(
         self, request: chat_pb2.ChatRequest, *, timeout_s: float | None = None
     ) -> AsyncGenerator[chat_pb2.ChatEvent, None]:
-        """The request's events. Retried while refused before any event arrived, never after."""
+        """The request's events, as one continuous stream.
+
+        Before anything arrived, a refused request is sent again (RetryInfo's delay). After `started`,
+        a stream that breaks (UNAVAILABLE, a reset, an end with no terminal event) is picked up again
+        by reattaching, on any frontend, after the last delta received: no gap, no duplicate.
+        """
+        async for event in self._follow(chat_pb2.ChatStreamRequest(request=request), timeout_s):
+            yield event
+
+    async def reattach(
+        self, request_id: str, last_sequence: int = 0, *, timeout_s: float | None = None
+    ) -> AsyncGenerator[chat_pb2.ChatEvent, None]:
+        """Pick up a request this caller started: `started`, the deltas after `last_sequence`, the end."""
+        first = chat_pb2.ChatStreamRequest(
+            reattach=chat_pb2.Reattach(request_id=request_id, last_sequence=last_sequence)
+        )
+        async for event in self._follow(first, timeout_s):
+            yield event
+
+    async def cancel(self, request_id: str) -> None:
+        """End a request this caller started, attached or not; cancelling an ended one is fine too."""
+        await self._stub.CancelChat(
+            chat_pb2.CancelChatRequest(request_id=request_id),
+            timeout=self._timeout_s,
+            metadata=self._metadata,
+        )
+
+    async def _follow(
+        self, first: chat_pb2.ChatStreamRequest, timeout_s: float | None
+    ) -> AsyncGenerator[chat_pb2.ChatEvent, None]:
         deadline = time.monotonic() + (timeout_s or self._timeout_s)
-        attempt = 0
+        message = first
+        request_id = first.reattach.request_id or None
+        last_sequence = first.reattach.last_sequence
+        refusals = breaks = 0
         while True:
-            attempt += 1
             call = self._stub.ChatStream(
-                chat_pb2.ChatStreamRequest(request=request),
-                timeout=max(deadline - time.monotonic(), 0.0),
-                metadata=self._metadata,
+                message, timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata
             )
-            received = False
             try:
                 async for event in call:
-                    received = True
+                    kind = event.WhichOneof("event")
+                    if kind == "started":
+                        if request_id is not None and message is not first:
+                            continue  # a reattach's `started`: the caller has it
+                        request_id = event.started.request_id
+                    elif kind == "delta":
+                        if event.delta.sequence <= last_sequence:
+                            continue
+                        last_sequence = event.delta.sequence
                     yield event
-                return
-            except grpc.aio.AioRpcError as error:
-                if received or not await self._wait_before_retry(error, attempt, deadline):
-                    raise
+                    if kind in ("finished", "error"):
+                        return
+                error: grpc.aio.AioRpcError | None = None  # ended with no terminal event
+            except grpc.aio.AioRpcError as raised:
+                error = raised
             finally:
                 call.cancel()
+            error = error or _broken_stream()
+            if request_id is None:  # nothing started: the request never ran
+                refusals += 1
+                if not await self._wait_before_retry(error, refusals, deadline):
+                    raise error
+                continue
+            breaks += 1
+            if not await self._wait_before_reattach(error, breaks, deadline):
+                raise error
+            message = chat_pb2.ChatStreamRequest(
+                reattach=chat_pb2.Reattach(request_id=request_id, last_sequence=last_sequence)
+            )
 
     async def chat(
         self, request: chat_pb2.ChatRequest, *, timeout_s: float | None = None
@@ -109,6 +162,18 @@ class ChatClient:
         )
         return response
 
+    async def _wait_before_reattach(self, error: grpc.aio.AioRpcError, breaks: int, deadline: float) -> bool:
+        """Sleep before reattaching and return True, or return False when the break is final."""
+        if error.code() not in _BROKEN:
+            return False
+        if breaks > self._max_reattaches:
+            return False
+        delay = min(self._backoff_s * 2 ** (breaks - 1), 2.0) * (0.5 + random.random())
+        if time.monotonic() + delay >= deadline:
+            return False
+        await asyncio.sleep(delay)
+        return True
+
     async def _wait_before_retry(self, error: grpc.aio.AioRpcError, attempt: int, deadline: float) -> bool:
         """Sleep before the next attempt and return True, or return False when it must not retry."""
         if error.code() not in _RETRYABLE or attempt >= self._max_attempts:
@@ -118,6 +183,15 @@ class ChatClient:
             return False
         await asyncio.sleep(delay)
         return True
+
+
+def _broken_stream() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        "the stream ended with no terminal event",
+    )
 
 
 def retry_delay(error: grpc.aio.AioRpcError) -> float | None:

@@ -49,3 +49,15 @@ def cancel_flag(request_id: str) -> str:
 def wake_stream(frontend_id: str) -> str:
     """Written on each admission so the frontend's blocked event reader picks up the new request."""
     return f"{PREFIX}:frontend:{frontend_id}:wake"
+
+
+def owner_key(request_id: str) -> str:
+    """Who started a request (a digest of their API key or certificate): only they may reattach or
+    cancel it. Lives as long as the request's events."""
+    return f"{PREFIX}:req:{request_id}:owner"
+
+
+def attached_key(request_id: str) -> str:
+    """Present while some caller follows the request; frontends renew it, and it lapses one detach
+    grace after the last caller left. A worker cancels a running request whose key lapsed."""
+    return f"{PREFIX}:req:{request_id}:attached"

@@ -74,6 +74,10 @@ class QueueFull(ServiceError):
         return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
+class NotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class BackendUnavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -1,8 +1,12 @@
 """One reader per frontend process that follows every open request's event stream.
 
-A single blocking XREAD covers all open requests plus this process's wake stream; each admission
+A single blocking XREAD covers all followed requests plus this process's wake stream; each admission
 writes to the wake stream (in the same script that queues the request), so a new request joins the
-read at once instead of after the block times out.
+read at once instead of after the block times out. Several subscriptions may follow one request
+(a caller and a reattached caller, a repeat of an idempotent request), each from its own position.
+
+While a request has a subscription here, this process keeps the request's attached key alive; once
+nobody follows it anywhere, the key lapses after the detach grace and a worker cancels the request.
 """
 
 from __future__ import annotations
@@ -18,10 +22,28 @@ from mistral_serve.common import keys
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
 
+from .errors import BackendUnavailable
+
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+def entry_order(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id ("<ms>-<seq>") as a comparable pair."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What a request's event stream holds so far."""
+
+    events: list[chat_pb2.ChatEvent]
+    last_entry_id: bytes
+    # Sequence of the last delta written, 0 before the first.
+    last_sequence: int
+
+
+@dataclass(eq=False, slots=True)
 class Subscription:
     request_id: str
     # Batches of events in stream order, as the worker wrote them.
@@ -30,28 +52,61 @@ class Subscription:
 
 
 class EventFanout:
-    def __init__(self, client: redis.Redis, frontend_id: str, *, block_ms: int = 1000) -> None:
+    def __init__(
+        self, client: redis.Redis, frontend_id: str, *, block_ms: int = 1000, detach_grace_s: float = 30.0
+    ) -> None:
         self._redis = client
         self._wake_key = keys.wake_stream(frontend_id).encode()
         self._wake_last = b"0-0"
         self._block_ms = block_ms
-        self._subs: dict[bytes, Subscription] = {}
+        self._grace_ms = max(1, int(detach_grace_s * 1000))
+        self._subs: dict[bytes, list[Subscription]] = {}
         self.healthy = True
 
-    def open(self, request_id: str) -> Subscription:
-        """Start following `request_id`'s events; call before the request is queued."""
-        sub = Subscription(request_id)
-        self._subs[keys.events_stream(request_id).encode()] = sub
+    def open(self, request_id: str, *, after_entry_id: bytes = b"0-0") -> Subscription:
+        """Follow `request_id`'s events after `after_entry_id`; for a new request, call before queuing it."""
+        sub = Subscription(request_id, last_entry_id=after_entry_id)
+        self._subs.setdefault(keys.events_stream(request_id).encode(), []).append(sub)
         return sub
 
-    def close(self, request_id: str) -> None:
-        self._subs.pop(keys.events_stream(request_id).encode(), None)
+    def close(self, sub: Subscription) -> None:
+        key = keys.events_stream(sub.request_id).encode()
+        followers = self._subs.get(key, [])
+        if sub in followers:
+            followers.remove(sub)
+        if not followers:
+            self._subs.pop(key, None)
+
+    async def history(self, request_id: str) -> History:
+        """Every event written for `request_id` so far, for a caller who reattaches."""
+        try:
+            entries = await self._redis.xrange(keys.events_stream(request_id))
+        except RedisError as exc:
+            raise BackendUnavailable(f"the event stream is unreachable: {exc}") from exc
+        events: list[chat_pb2.ChatEvent] = []
+        for _, fields in entries:
+            events.extend(queue_pb2.EventRecord.FromString(fields[keys.EVENT_FIELD.encode()]).events)
+        sequences = [e.delta.sequence for e in events if e.WhichOneof("event") == "delta"]
+        return History(events, entries[-1][0] if entries else b"0-0", max(sequences, default=0))
+
+    async def attach_now(self, request_id: str) -> None:
+        """Mark `request_id` followed at once, and make the blocked read include it now."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(keys.attached_key(request_id), b"1", px=self._grace_ms)
+                pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=100)
+                await pipe.execute()
+        except RedisError as exc:
+            raise BackendUnavailable(f"the event stream is unreachable: {exc}") from exc
 
     @property
     def open_count(self) -> int:
-        return len(self._subs)
+        return sum(len(followers) for followers in self._subs.values())
 
     async def run(self) -> None:
+        await asyncio.gather(self._read_forever(), self._keep_attached())
+
+    async def _read_forever(self) -> None:
         await self._start_wake_stream()
         backoff = 0.05
         while True:
@@ -65,6 +120,21 @@ class EventFanout:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
+    async def _keep_attached(self) -> None:
+        """Renew the attached key of every followed request, a third of the grace before it lapses."""
+        while True:
+            await asyncio.sleep(self._grace_ms / 3000)
+            request_ids = {followers[0].request_id for followers in self._subs.values() if followers}
+            if not request_ids:
+                continue
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for request_id in request_ids:
+                        pipe.set(keys.attached_key(request_id), b"1", px=self._grace_ms)
+                    await pipe.execute()
+            except RedisError as exc:
+                log.warning("cannot renew attachments: %s", exc)
+
     async def _start_wake_stream(self) -> None:
         while True:
             try:
@@ -76,17 +146,18 @@ class EventFanout:
 
     async def _read_once(self) -> None:
         streams: dict[bytes, bytes] = {self._wake_key: self._wake_last}
-        for key, sub in self._subs.items():
-            streams[key] = sub.last_entry_id
+        for key, followers in self._subs.items():
+            streams[key] = min((sub.last_entry_id for sub in followers), key=entry_order)
         reply = await self._redis.xread(streams, block=self._block_ms)  # type: ignore[arg-type]
         for key, entries in reply or []:
             if key == self._wake_key:
                 self._wake_last = entries[-1][0]
                 continue
-            target = self._subs.get(key)
-            if target is None:  # closed while the read was in flight
-                continue
             for entry_id, fields in entries:
                 record = queue_pb2.EventRecord.FromString(fields[keys.EVENT_FIELD.encode()])
-                target.batches.put_nowait(list(record.events))
-                target.last_entry_id = entry_id
+                order = entry_order(entry_id)
+                # Closed while the read was in flight: no followers, nothing delivered.
+                for sub in self._subs.get(key, []):
+                    if order > entry_order(sub.last_entry_id):
+                        sub.batches.put_nowait(list(record.events))
+                        sub.last_entry_id = entry_id

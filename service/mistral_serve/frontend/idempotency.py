@@ -6,24 +6,18 @@ fingerprint of the request; a repeat with the same fingerprint replays the first
 stream from its start, live while it runs; a repeat with another request under the same id is
 refused (INVALID_ARGUMENT on client_request_id). A request refused at admission releases the key.
 
-Replays read the event stream with their own XREAD, not through the process's fan-out reader: the
-fan-out follows one subscriber per request id, and the first run's caller may be on this process.
+A repeat follows the first run like a reattach from its first delta (see ChatServicer._attach).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
-import time
-from collections.abc import AsyncIterator
 
 import redis.asyncio as redis
-from google.rpc import code_pb2
 from redis.exceptions import RedisError
 
 from mistral_serve.common import keys
-from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
 
 from .errors import BackendUnavailable, FieldViolation, InvalidRequest
@@ -46,10 +40,9 @@ def idempotency_key(caller: str, client_request_id: str) -> str:
 
 
 class Idempotency:
-    def __init__(self, client: redis.Redis, *, ttl_s: int, block_ms: int = 1000) -> None:
+    def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
         self._redis = client
         self._ttl_s = ttl_s
-        self._block_ms = block_ms
         self._release = client.register_script(_RELEASE)
 
     async def claim(
@@ -87,40 +80,3 @@ class Idempotency:
             await self._release(
                 keys=[idempotency_key(caller, client_request_id)], args=[f"{request_id} {print_}"]
             )
-
-    async def replay(self, request_id: str, deadline: float) -> AsyncIterator[chat_pb2.ChatEvent]:
-        """The events of `request_id` from the start, following them live, until its terminal event."""
-        stream = keys.events_stream(request_id)
-        last = b"0-0"
-        last_sequence = 0
-        while True:
-            remaining_ms = int((deadline - time.time()) * 1000)
-            if remaining_ms <= 0:
-                yield _deadline_event()
-                return
-            try:
-                reply = await self._redis.xread({stream: last}, block=min(self._block_ms, remaining_ms))
-            except RedisError as exc:
-                raise BackendUnavailable(f"the event stream is unreachable: {exc}") from exc
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    record = queue_pb2.EventRecord.FromString(fields[keys.EVENT_FIELD.encode()])
-                    for event in record.events:
-                        kind = event.WhichOneof("event")
-                        if kind == "delta":
-                            if event.delta.sequence <= last_sequence:
-                                continue
-                            last_sequence = event.delta.sequence
-                        yield event
-                        if kind in ("finished", "error"):
-                            return
-            await asyncio.sleep(0)
-
-
-def _deadline_event() -> chat_pb2.ChatEvent:
-    return chat_pb2.ChatEvent(
-        error=chat_pb2.Error(
-            code=code_pb2.DEADLINE_EXCEEDED, message="the request's deadline passed", retryable=True
-        )
-    )

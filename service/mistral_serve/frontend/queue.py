@@ -21,7 +21,8 @@ from .metrics import FrontendMetrics
 # Admission is one atomic step so that concurrent frontends never push the backlog past its bound.
 # The backlog is the length of the pool's band streams: workers delete entries once they are done
 # with them, so it counts waiting and running requests. KEYS: the band streams, the wake stream,
-# the stream to add to. The wake entry breaks this frontend's blocked event reader.
+# the stream to add to, the request's owner and attached keys. The wake entry breaks this
+# frontend's blocked event reader; the owner and attached keys are set with the entry, never after.
 _ADMIT = """
 local backlog = redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[2]) + redis.call('XLEN', KEYS[3])
 if backlog >= tonumber(ARGV[1]) then
@@ -30,6 +31,8 @@ end
 local id = redis.call('XADD', KEYS[5], '*', ARGV[2], ARGV[3])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100', '*', 'w', '1')
 redis.call('EXPIRE', KEYS[4], 3600)
+redis.call('SET', KEYS[6], ARGV[4], 'EX', ARGV[5])
+redis.call('SET', KEYS[7], '1', 'PX', ARGV[6])
 return id
 """
 
@@ -54,6 +57,7 @@ class RequestQueue:
         retry_after_s: float,
         frontend_id: str,
         cancel_ttl_s: int,
+        detach_grace_s: float = 30.0,
         tracer: trace.Tracer | None = None,
         metrics: FrontendMetrics | None = None,
     ) -> None:
@@ -65,19 +69,39 @@ class RequestQueue:
         self._max_backlog = max_backlog
         self._retry_after_s = retry_after_s
         self._cancel_ttl_s = cancel_ttl_s
+        self._detach_grace_ms = max(1, int(detach_grace_s * 1000))
         self._admit = client.register_script(_ADMIT)
         self._tracer = tracer or get_tracer()
         self._metrics = metrics
 
-    async def admit(self, queued: queue_pb2.QueuedRequest) -> None:
-        """Queue `queued` in its priority band, or raise QueueFull when the band's bound is reached."""
+    async def admit(self, queued: queue_pb2.QueuedRequest, *, owner: str) -> None:
+        """Queue `queued` in its priority band, or raise QueueFull when the band's bound is reached.
+
+        `owner` (the caller's identity) alone may reattach to or cancel it, for as long as its events
+        are kept: until its deadline plus the event retention.
+        """
         band = keys.band_of(queued.request.priority)
         bound = admission_bound(self._max_backlog, band)
+        owner_ttl_s = max(1, int(queued.deadline_unix - queued.admitted_unix) + self._cancel_ttl_s)
+        request_id = queued.request_id
         span = self._start_producer(queued, band)
         try:
             entry_id = await self._admit(
-                keys=[*self._streams, self._wake, keys.request_stream(self._pool, band)],
-                args=[bound, keys.REQUEST_FIELD, queued.SerializeToString()],
+                keys=[
+                    *self._streams,
+                    self._wake,
+                    keys.request_stream(self._pool, band),
+                    keys.owner_key(request_id),
+                    keys.attached_key(request_id),
+                ],
+                args=[
+                    bound,
+                    keys.REQUEST_FIELD,
+                    queued.SerializeToString(),
+                    owner,
+                    owner_ttl_s,
+                    self._detach_grace_ms,
+                ],
             )
         except RedisError as exc:
             self._end_producer(span, band, "unavailable", error=exc)
@@ -126,6 +150,14 @@ class RequestQueue:
             pipe.set(keys.cancel_flag(request_id), b"1", ex=self._cancel_ttl_s)
             pipe.publish(self._cancel_channel, request_id)
             await pipe.execute()
+
+    async def owner(self, request_id: str) -> str | None:
+        """The identity that started `request_id`, or None if no such request is kept."""
+        try:
+            value = await self._redis.get(keys.owner_key(request_id))
+        except RedisError as exc:
+            raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
+        return None if value is None else bytes(value).decode()
 
     async def backlog(self) -> int:
         async with self._redis.pipeline(transaction=False) as pipe:

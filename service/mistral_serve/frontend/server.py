@@ -85,7 +85,7 @@ async def start_frontend(
     client = connect(settings.redis_url, settings.redis_password)
     metrics = FrontendMetrics(settings.pool)
     tracer = get_tracer(tracer_provider)
-    fanout = EventFanout(client, settings.instance_id)
+    fanout = EventFanout(client, settings.instance_id, detach_grace_s=settings.detach_grace_s)
     queue = RequestQueue(
         client,
         pool=settings.pool,
@@ -95,6 +95,7 @@ async def start_frontend(
         cancel_ttl_s=settings.event_ttl_s,
         tracer=tracer,
         metrics=metrics,
+        detach_grace_s=settings.detach_grace_s,
     )
     health = FrontendHealth(client, settings.health_interval_s)
     auth = auth_interceptor(settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -16,8 +17,17 @@ from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
 
 from .auth import current_caller
-from .errors import NotConfigured, RequestFailed, grpc_code, stream_errors, unary_errors
-from .fanout import EventFanout
+from .errors import (
+    FieldViolation,
+    InvalidRequest,
+    NotConfigured,
+    NotFound,
+    RequestFailed,
+    grpc_code,
+    stream_errors,
+    unary_errors,
+)
+from .fanout import EventFanout, Subscription
 from .idempotency import Idempotency, fingerprint
 from .image_urls import ImageFetcher, resolve_image_urls
 from .queue import RequestQueue
@@ -56,9 +66,21 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ChatStream(
         self, request: chat_pb2.ChatStreamRequest, context: Context
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        if request.WhichOneof("kind") == "reattach":
+            async for event in self._reattach(request.reattach, context):
+                yield event
+            return
         admitted = await self._front_door(request.request, path="request.")
         async for event in self._run(request.request, admitted, context, path="request."):
             yield event
+
+    @unary_errors
+    async def CancelChat(
+        self, request: chat_pb2.CancelChatRequest, context: Context
+    ) -> chat_pb2.CancelChatResponse:
+        await self._check_owner(request.request_id)
+        await self._queue.cancel(request.request_id)
+        return chat_pb2.CancelChatResponse()
 
     @unary_errors
     async def Chat(self, request: chat_pb2.ChatRequest, context: Context) -> chat_pb2.ChatResponse:
@@ -133,8 +155,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             claim = (current_caller().identity, original.client_request_id, fingerprint(original), request_id)
             first_id = await self._idempotency.claim(*claim, path=path)
             if first_id is not None:
-                yield chat_pb2.ChatEvent(started=chat_pb2.Started(request_id=first_id))
-                async for event in self._idempotency.replay(first_id, deadline):
+                async for event in self._attach(first_id, deadline, last_sequence=0):
                     yield event
                 return
         queued = queue_pb2.QueuedRequest(
@@ -145,40 +166,91 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             attempt=1,
         )
         sub = self._fanout.open(request_id)
-        admitted = ended = False
         try:
             try:
-                await self._queue.admit(queued)
+                await self._queue.admit(queued, owner=current_caller().identity)
             except BaseException:
                 if claim is not None and self._idempotency is not None:
                     await self._idempotency.release(*claim)
                 raise
-            admitted = True
             yield chat_pb2.ChatEvent(started=chat_pb2.Started(request_id=request_id))
-            last_sequence = 0
-            while not ended:
-                try:
-                    batch = await asyncio.wait_for(sub.batches.get(), timeout=max(deadline - time.time(), 0))
-                except TimeoutError:
-                    ended = True
-                    self._cancel_later(request_id)
-                    yield _error(code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed", retryable=True)
-                    break
-                for event in batch:
-                    kind = event.WhichOneof("event")
-                    if kind == "delta":
-                        # A resumed or replayed stream may repeat what this caller already has.
-                        if event.delta.sequence <= last_sequence:
-                            continue
-                        last_sequence = event.delta.sequence
-                    yield event
-                    if kind in ("finished", "error"):
-                        ended = True
-                        break
+            # A caller who goes away leaves the request running for the detach grace (they may
+            # reattach); the attached key then lapses and a worker cancels it.
+            async for event in self._follow(sub, deadline, last_sequence=0):
+                yield event
         finally:
-            self._fanout.close(request_id)
-            if admitted and not ended:
-                self._cancel_later(request_id)
+            self._fanout.close(sub)
+
+    async def _reattach(
+        self, reattach: chat_pb2.Reattach, context: Context
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """The rest of a request this caller started: what it missed from Redis, then live."""
+        request_id = reattach.request_id
+        await self._check_owner(request_id)
+        remaining = context.time_remaining()
+        deadline = time.time() + (self._settings.default_deadline_s if remaining is None else remaining)
+        async for event in self._attach(request_id, deadline, last_sequence=reattach.last_sequence):
+            yield event
+
+    async def _attach(
+        self, request_id: str, deadline: float, *, last_sequence: int
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """`started`, then the request's events after `last_sequence`: from Redis, then live."""
+        history = await self._fanout.history(request_id)
+        if last_sequence > history.last_sequence:
+            raise InvalidRequest(
+                [
+                    FieldViolation(
+                        "reattach.last_sequence",
+                        f"{last_sequence} is beyond the {history.last_sequence} deltas this request "
+                        "has sent; pass the sequence of the last delta you received",
+                    )
+                ]
+            )
+        sub = self._fanout.open(request_id, after_entry_id=history.last_entry_id)
+        # Before any await: live batches the reader delivers from now on must queue behind the history.
+        sub.batches.put_nowait(history.events)
+        try:
+            await self._fanout.attach_now(request_id)
+            yield chat_pb2.ChatEvent(started=chat_pb2.Started(request_id=request_id))
+            async for event in self._follow(sub, deadline, last_sequence=last_sequence, owns_deadline=False):
+                yield event
+        finally:
+            self._fanout.close(sub)
+
+    async def _check_owner(self, request_id: str) -> None:
+        """Raise NotFound unless the caller started `request_id`: others learn nothing, not even that
+        it exists."""
+        owner = await self._queue.owner(request_id) if request_id else None
+        if owner is None or not hmac.compare_digest(owner.encode(), current_caller().identity.encode()):
+            raise NotFound(f"no request {request_id!r} of yours is kept here")
+
+    async def _follow(
+        self, sub: Subscription, deadline: float, *, last_sequence: int, owns_deadline: bool = True
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """A subscription's events after `last_sequence` until the terminal one or the deadline.
+
+        `owns_deadline`: the deadline is the request's own, so passing it cancels the request; a
+        reattached caller's deadline only ends its stream (detach).
+        """
+        while True:
+            try:
+                batch = await asyncio.wait_for(sub.batches.get(), timeout=max(deadline - time.time(), 0))
+            except TimeoutError:
+                if owns_deadline:
+                    self._cancel_later(sub.request_id)
+                yield _error(code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed", retryable=True)
+                return
+            for event in batch:
+                kind = event.WhichOneof("event")
+                if kind == "delta":
+                    # A resumed or replayed stream may repeat what this caller already has.
+                    if event.delta.sequence <= last_sequence:
+                        continue
+                    last_sequence = event.delta.sequence
+                yield event
+                if kind in ("finished", "error"):
+                    return
 
     def _cancel_later(self, request_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._cancel(request_id))

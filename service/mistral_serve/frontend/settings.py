@@ -38,6 +38,8 @@ class FrontendSettings:
     event_ttl_s: int = 600
     # Time open streams get to finish after SIGTERM.
     drain_grace_s: float = 30.0
+    # A request nobody follows runs on this long for its caller to reattach, then is cancelled.
+    detach_grace_s: float = 30.0
     # Largest request message gRPC accepts, and the most image bytes one queued request may carry
     # (it is stored in Redis). Larger messages are refused by gRPC itself (RESOURCE_EXHAUSTED).
     max_receive_message_bytes: int = 64 * 1024 * 1024
@@ -124,6 +126,7 @@ class FrontendSettings:
             default_deadline_s=env_float("DEFAULT_DEADLINE_S", cls.default_deadline_s, minimum=0.001),
             event_ttl_s=env_int("EVENT_TTL_S", cls.event_ttl_s, minimum=1),
             drain_grace_s=env_float("DRAIN_GRACE_S", cls.drain_grace_s, minimum=0.0),
+            detach_grace_s=env_float("DETACH_GRACE_S", cls.detach_grace_s, minimum=0.05),
             max_receive_message_bytes=env_int(
                 "MAX_RECEIVE_MESSAGE_BYTES", cls.max_receive_message_bytes, minimum=1024
             ),

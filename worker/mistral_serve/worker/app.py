@@ -128,6 +128,7 @@ async def start_worker(
         loop.create_task(consumer.listen_for_cancels()),
         loop.create_task(consumer.run(), context=jobs.copy()),
         loop.create_task(consumer.run_leases(), context=jobs.copy()),
+        loop.create_task(consumer.watch_attachments(settings.attach_check_interval_s)),
     ]
     if settings.deep_health_interval_s > 0:
         tasks.append(loop.create_task(health.run_deep(settings.deep_health_interval_s)))

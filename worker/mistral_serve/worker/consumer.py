@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 CANCELLED = "cancelled"
 DEADLINE = "deadline"
 LEASE_LOST = "lease lost"
+DETACHED = "detached"
 
 
 class _EntryRef(NamedTuple):
@@ -148,6 +149,26 @@ class Consumer:
                         self._start_all([(stream, lapsed)], claimed=True)
             except RedisError as exc:
                 log.warning("lease upkeep failed: %s", exc)
+
+    async def watch_attachments(self, interval_s: float) -> None:
+        """Cancel running requests nobody has followed for their detach grace (their key lapsed)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            request_ids = list(self._running)
+            if not request_ids:
+                continue
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for request_id in request_ids:
+                        pipe.exists(keys.attached_key(request_id))
+                    attached = await pipe.execute()
+            except RedisError as exc:
+                log.warning("cannot check attachments: %s", exc)
+                continue
+            for request_id, present in zip(request_ids, attached, strict=True):
+                if not present:
+                    log.info("request %s: nobody attached for its detach grace; cancelling", request_id)
+                    self.stop(request_id, DETACHED)
 
     def stop_claiming(self) -> None:
         self._claiming = False
@@ -301,6 +322,8 @@ class Consumer:
                 raise _LeaseLost() from None
             if reason == DEADLINE:
                 return error_event(code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed")
+            if reason == DETACHED:
+                return error_event(code_pb2.CANCELLED, "nobody followed the request for its detach grace")
             return error_event(code_pb2.CANCELLED, "the request was cancelled")
         except EngineRequestError as exc:
             return error_event(code_pb2.INVALID_ARGUMENT, str(exc))

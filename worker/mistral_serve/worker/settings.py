@@ -36,6 +36,8 @@ class WorkerSettings:
     lease_ms: int = 15000
     # Runs of one request (first run plus resumes) before it ends with an error.
     max_attempts: int = 3
+    # How often running requests are checked for a caller still attached (see DETACH_GRACE_S).
+    attach_check_interval_s: float = 1.0
     # How one XREADGROUP waits for new requests.
     block_ms: int = 1000
     # "vllm", or "package.module:factory" for a callable returning an Engine.
@@ -71,6 +73,9 @@ class WorkerSettings:
             block_ms=env_int("BLOCK_MS", cls.block_ms, minimum=1),
             lease_ms=env_int("LEASE_MS", cls.lease_ms, minimum=100),
             max_attempts=env_int("MAX_ATTEMPTS", cls.max_attempts, minimum=1),
+            attach_check_interval_s=env_float(
+                "ATTACH_CHECK_INTERVAL_S", cls.attach_check_interval_s, minimum=0.01
+            ),
             engine=env_str("ENGINE", cls.engine),
             log_format=env_str("LOG_FORMAT", cls.log_format),
             model_name=env_str("MODEL", cls.model_name),

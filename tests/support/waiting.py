@@ -1,0 +1,14 @@
+"""Waiting for a condition in async tests, bounded so that a broken condition fails instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 30.0, interval_s: float = 0.02) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < end, "condition not met in time"
+        await asyncio.sleep(interval_s)
