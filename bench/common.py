@@ -160,7 +160,12 @@ class Processes:
                 raise SystemExit(f"{name} exited with {process.returncode}; see {LOGS}/{self.tag}-{name}.log")
 
     def stop_all(self, grace_s: float = 15.0) -> None:
-        """SIGTERM each child by PID (last started first), then SIGKILL whatever outlived the grace."""
+        """SIGTERM each child by PID (last started first), then SIGKILL whatever outlived the grace,
+        its own children included (vLLM's engine core, which would otherwise live on and spin)."""
+        descendants: list[psutil.Process] = []
+        for _, process in self.started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                descendants += psutil.Process(process.pid).children(recursive=True)
         for _, process in reversed(self.started):
             if process.poll() is None:
                 process.terminate()
@@ -171,6 +176,11 @@ class Processes:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=10)
+        _, alive = psutil.wait_procs(descendants, timeout=max(end - time.monotonic(), 1.0))
+        for child in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(alive, timeout=10)
         self.started.clear()
 
 
@@ -286,6 +296,10 @@ def stack(
     env.setdefault("MISTRAL_SERVE_GRPC_HOST", "127.0.0.1")
     env.setdefault("MISTRAL_SERVE_HEALTH_HOST", "127.0.0.1")
     env.setdefault("MISTRAL_SERVE_LOG_FORMAT", "json")
+    # Streams still open at the end are cut anyway: stop within the Processes grace, not after 120 s.
+    env.setdefault("MISTRAL_SERVE_DRAIN_GRACE_S", "5")
+    # Prometheus metrics stay on (their cost is part of the stack) on a free port per process.
+    env.setdefault("MISTRAL_SERVE_METRICS_PORT", "0")
     out = Stack(procs, redis_port)
     try:
         redis = procs.spawn(
