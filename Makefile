@@ -81,8 +81,9 @@ typecheck: setup protos
 soak: setup protos
 	$(PY) -m tests.soak.run --duration 300 --streams 256 --kill-every 20
 
-bench: setup protos
-	$(PY) bench/relay.py
+# Benchmarks 1-3 (gateway overhead, against vllm serve, scaling); tables land in bench/README.md.
+bench: setup protos tiny-model
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) .cache common/mistral_serve/v1 common/mistral_serve/queue *.egg-info

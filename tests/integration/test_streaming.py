@@ -205,3 +205,26 @@ async def _eventually(condition: Callable[[], bool], timeout_s: float = 10.0) ->
         if loop.time() > end:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def test_request_cancelled_while_queued_never_reaches_the_engine(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    client = stack.client(frontend)
+    stream = client.stream(chat("never mind"))
+    request_id = (await anext(stream)).started.request_id
+    await client.cancel(request_id)  # still queued: no worker yet
+
+    engine = ScriptedEngine()
+    await stack.worker(engine)
+    rest = await _collect(stream)
+
+    assert rest[-1].error.code == grpc.StatusCode.CANCELLED.value[0]
+    assert engine.started_ids == []
+
+
+async def test_a_finished_requests_events_expire_after_the_retention(stack: Stack) -> None:
+    frontend = await stack.frontend()
+    await stack.worker(ScriptedEngine(default_tokens=200), event_ttl_s=77, flush_max_events=4)
+    events = await _collect(stack.client(frontend).stream(chat("keep me a while")))
+    ttl = redis.Redis.from_url(stack.redis_url).ttl(keys.events_stream(events[0].started.request_id))
+    assert 0 < int(ttl) <= 77  # type: ignore[arg-type]

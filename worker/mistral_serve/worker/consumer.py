@@ -75,6 +75,8 @@ class Consumer:
         # job task -> its (stream, entry id), for leases
         self._jobs: dict[asyncio.Task[None], _EntryRef] = {}
         self._request_of_entry: dict[_EntryRef, str] = {}
+        # requests between their cancel check and their start
+        self._starting: set[str] = set()
         self._slot_free = asyncio.Event()
         self._claiming = True
         self.resumed = 0  # jobs taken over from lost workers, for tests and metrics
@@ -206,6 +208,9 @@ class Consumer:
                 await asyncio.sleep(0.5)
 
     def stop(self, request_id: str, reason: str) -> None:
+        if request_id in self._starting:
+            self._stop_reasons[request_id] = reason
+            return
         task = self._running.get(request_id)
         if task is not None and not task.done():
             self._stop_reasons[request_id] = reason
@@ -296,7 +301,18 @@ class Consumer:
             return error_event(
                 code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed while it was queued"
             )
-        if await self._redis.exists(keys.cancel_flag(queued.request_id)):
+        # One round trip, and no cancel slips through it: a cancel message that arrives while the flag
+        # is read is recorded by `stop` and seen here.
+        request_id = queued.request_id
+        self._starting.add(request_id)
+        try:
+            flagged = await self._redis.exists(keys.cancel_flag(request_id))
+        finally:
+            self._starting.discard(request_id)
+        reason = self._stop_reasons.pop(request_id, None)
+        if reason == LEASE_LOST:
+            raise _LeaseLost()
+        if flagged or reason is not None:
             return error_event(code_pb2.CANCELLED, "the request was cancelled before it started")
         return None
 
@@ -309,9 +325,6 @@ class Consumer:
             max(queued.deadline_unix - time.time(), 0.0), self.stop, request_id, DEADLINE
         )
         try:
-            # A cancel that arrived between the skip check and registering the task.
-            if await self._redis.exists(keys.cancel_flag(request_id)):
-                self.stop(request_id, CANCELLED)
             return await task
         except asyncio.CancelledError:
             reason = self._stop_reasons.pop(request_id, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,8 @@ class _Pending:
     events: list[chat_pb2.ChatEvent] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     raw_text: list[str] = field(default_factory=list)
+    # Holds the request's terminal event.
+    final: bool = False
 
     def record(self) -> queue_pb2.EventRecord:
         return queue_pb2.EventRecord(
@@ -40,6 +43,7 @@ class _Pending:
         self.events[:0] = earlier.events
         self.token_ids[:0] = earlier.token_ids
         self.raw_text[:0] = earlier.raw_text
+        self.final = self.final or earlier.final
 
 
 class EventWriter:
@@ -49,6 +53,8 @@ class EventWriter:
         self._interval_s = interval_s
         self._max_events = max_events
         self._pending: dict[str, _Pending] = {}
+        # When each running request's event stream last had its TTL set (monotonic seconds).
+        self._ttl_set_at: dict[str, float] = {}
         self._waiters: list[asyncio.Future[None]] = []
         self._has_data = asyncio.Event()
         self._urgent = asyncio.Event()
@@ -78,6 +84,7 @@ class EventWriter:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(done)
         self.emit(request_id, event, urgent=True)
+        self._pending[request_id].final = True
         await done
 
     async def run(self) -> None:
@@ -113,10 +120,22 @@ class EventWriter:
         self._urgent.set()
 
     async def _write(self, batch: dict[str, _Pending]) -> None:
+        # A stream's TTL is set on its first record, renewed every half TTL, and set again on its last:
+        # an EXPIRE per record would double the commands of every flush.
+        now = time.monotonic()
+        renewed = []
         async with self._redis.pipeline(transaction=False) as pipe:
             for request_id, pending in batch.items():
                 stream = keys.events_stream(request_id)
                 pipe.xadd(stream, {keys.EVENT_FIELD: pending.record().SerializeToString()})
-                pipe.expire(stream, self._ttl_s)
+                set_at = self._ttl_set_at.get(request_id)
+                if pending.final or set_at is None or now - set_at > self._ttl_s / 2:
+                    pipe.expire(stream, self._ttl_s)
+                    renewed.append(request_id)
             await pipe.execute()
+        for request_id in renewed:
+            self._ttl_set_at[request_id] = now
+        for request_id, pending in batch.items():
+            if pending.final:
+                self._ttl_set_at.pop(request_id, None)
         self.writes += 1
