@@ -131,5 +131,6 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 child.kill()
 
+
 if __name__ == "__main__":
     main()
