@@ -523,6 +523,15 @@ def test_event_retention_is_the_same_for_both_processes(chart: helm.Chart) -> No
     assert env_value(worker(objects), "MISTRAL_SERVE_EVENT_TTL_S") == "900"
 
 
+def test_reattach_grace_and_worker_lease_reach_the_processes(chart: helm.Chart) -> None:
+    objects = render(chart, {"detachGraceSeconds": 45, "worker": {"leaseMilliseconds": 8000}})
+    assert env_value(frontend(objects), "MISTRAL_SERVE_DETACH_GRACE_S") == "45"
+    assert env_value(worker(objects), "MISTRAL_SERVE_LEASE_MS") == "8000"
+    defaults = render(chart, {})
+    assert env_value(frontend(defaults), "MISTRAL_SERVE_DETACH_GRACE_S") == "30"
+    assert env_value(worker(defaults), "MISTRAL_SERVE_LEASE_MS") == "15000"
+
+
 # --- scaling and disruption ---------------------------------------------------------------------
 
 

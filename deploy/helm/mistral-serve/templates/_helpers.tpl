@@ -104,6 +104,8 @@ Redis travels as redis-py's `ssl_ca_certs` URL option, so no extra setting is ne
   value: {{ .Values.logFormat | quote }}
 - name: MISTRAL_SERVE_EVENT_TTL_S
   value: {{ int .Values.eventTTLSeconds | quote }}
+- name: MISTRAL_SERVE_DETACH_GRACE_S
+  value: {{ int .Values.detachGraceSeconds | quote }}
 {{- end }}
 
 {{/* OpenTelemetry environment of one component: (dict "ctx" $ "component" "frontend"). */}}
