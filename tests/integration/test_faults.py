@@ -16,6 +16,7 @@ from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READY
 from tests.conftest import Processes, start_redis
 from tests.support.health import wait_serving
 from tests.support.requests import chat, events_text
+from tests.support.waiting import until
 
 SLOW = {"SCRIPTED_TOKENS_PER_S": "50", "SCRIPTED_TOKENS": "120", "lease_ms": "900"}
 
@@ -48,14 +49,6 @@ class Recorder:
     @property
     def terminal(self) -> str | None:
         return self.events[-1].WhichOneof("event") if self.events else None
-
-
-async def until(condition: object, timeout_s: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not condition():  # type: ignore[operator]
-        assert loop.time() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_kill_9_of_a_worker_mid_stream_loses_nothing(processes: Processes) -> None:

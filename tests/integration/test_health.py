@@ -5,32 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from mistral_serve.frontend.health import READINESS_SERVICE
 from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READINESS
 from tests.conftest import free_port, start_redis
 from tests.integration.conftest import Stack
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-async def status_of(port: int, service: str) -> int:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5
-        )
-        return int(reply.status)
-
-
-async def wait_for_status(port: int, service: str, wanted: int, timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while (current := await status_of(port, service)) != wanted:
-        assert loop.time() < end, f"{service!r} stayed {current}, wanted {wanted}"
-        await asyncio.sleep(0.05)
+from tests.support.health import NOT_SERVING, SERVING, status_of, wait_for_status
 
 
 async def test_frontend_is_ready_only_while_redis_answers(stack: Stack, tmp_path: Path) -> None:

@@ -20,14 +20,19 @@ def with_priority(priority: int, text: str) -> chat_pb2.ChatRequest:
     return request
 
 
-async def first_event(client: ChatClient, request: chat_pb2.ChatRequest) -> tuple[asyncio.Task[None], str]:
+async def first_event(
+    client: ChatClient, request: chat_pb2.ChatRequest
+) -> tuple[asyncio.Task[str | None], str]:
     """Start a stream, return its request id once admitted and a task draining the rest."""
     stream = client.stream(request)
     started = await anext(stream)
 
-    async def drain() -> None:
-        async for _ in stream:
-            pass
+    async def drain() -> str | None:
+        """The kind of the stream's last event."""
+        last = None
+        async for event in stream:
+            last = event.WhichOneof("event")
+        return last
 
     return asyncio.create_task(drain()), started.started.request_id
 
@@ -59,7 +64,7 @@ async def test_higher_priority_is_served_first_when_contended(stack: Stack) -> N
         waiting.append((priority, await first_event(client, with_priority(priority, f"p{priority}"))))
     engine = ScriptedEngine()
     await stack.worker(engine, max_inflight=1)  # one job at a time: the queue is contended
-    await asyncio.gather(*(task for _, (task, _) in waiting))
+    assert await asyncio.gather(*(task for _, (task, _) in waiting)) == ["finished"] * 6
 
     band_of = {request_id: priority for priority, (_, request_id) in waiting}
     assert [band_of[rid] for rid in engine.started_ids] == [1, 1, 0, 0, -1, -1]
@@ -73,4 +78,4 @@ async def test_refused_low_priority_does_not_disturb_admitted_requests(stack: St
         await first_event(client, with_priority(-5, "too low"))
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     await stack.worker()
-    await asyncio.gather(*(task for task, _ in admitted))
+    assert await asyncio.gather(*(task for task, _ in admitted)) == ["finished"] * 3

@@ -7,13 +7,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mistral_serve.client import ChatClient
 from mistral_serve.frontend.health import READINESS_SERVICE
 from tests.conftest import free_port
+from tests.support.health import wait_serving
 from tests.support.requests import chat, events_text
 
 
@@ -43,18 +42,7 @@ def processes(redis_url: str, subprocess_env: dict[str, str]) -> Iterator[int]:
 
 async def test_chat_streams_across_processes(processes: int) -> None:
     target = f"127.0.0.1:{processes}"
-    async with grpc.aio.insecure_channel(target) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for _ in range(200):
-            try:
-                reply = await health.Check(
-                    health_pb2.HealthCheckRequest(service=READINESS_SERVICE), timeout=1
-                )
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.1)
+    await wait_serving(processes, READINESS_SERVICE)
     async with ChatClient(target) as client:
         results = await asyncio.gather(*(_text(client, f"proc {i}") for i in range(8)))
     assert results == [f"proc {i} w1 w2 w3 w4 w5 w6 w7 w8 w9 w10" for i in range(8)]

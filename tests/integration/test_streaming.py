@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -15,6 +15,7 @@ from mistral_serve.v1 import chat_pb2
 from tests.integration.conftest import Stack
 from tests.support.requests import chat, events_text
 from tests.support.scripted_engine import ScriptedEngine
+from tests.support.waiting import until
 
 
 def assert_well_formed(events: list[chat_pb2.ChatEvent]) -> None:
@@ -101,7 +102,7 @@ async def test_full_queue_answers_resource_exhausted_with_retry_info(stack: Stac
     client = stack.client(frontend, max_attempts=1)
     # No worker yet: three requests wait in the queue and fill it.
     admitted = [asyncio.create_task(_collect(client.stream(chat(f"queued {i}")))) for i in range(3)]
-    await _eventually(lambda: backlog(stack) == 3)
+    await until(lambda: backlog(stack) == 3)
 
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await _collect(client.stream(chat("one too many")))
@@ -119,7 +120,7 @@ async def test_client_retry_waits_out_a_full_queue(stack: Stack) -> None:
     frontend = await stack.frontend(max_backlog=1, retry_after_s=0.2)
     client = stack.client(frontend, max_attempts=20)
     first = asyncio.create_task(_collect(client.stream(chat("first"))))
-    await _eventually(lambda: backlog(stack) == 1)
+    await until(lambda: backlog(stack) == 1)
     second = asyncio.create_task(client.chat(chat("second")))
     await asyncio.sleep(0.5)  # the second is being refused and retried meanwhile
     assert not second.done()
@@ -143,8 +144,8 @@ async def test_client_cancel_aborts_the_job_in_the_engine_after_the_detach_grace
     await stream.aclose()  # the caller goes away
 
     request_id = started.started.request_id
-    await _eventually(lambda: request_id in engine.aborted_ids)
-    await _eventually(lambda: engine.running_count() == 0)
+    await until(lambda: request_id in engine.aborted_ids)
+    await until(lambda: engine.running_count() == 0)
 
 
 async def test_expired_deadline_never_reaches_the_engine(stack: Stack) -> None:
@@ -161,7 +162,7 @@ async def test_expired_deadline_never_reaches_the_engine(stack: Stack) -> None:
 
     engine = ScriptedEngine()
     await stack.worker(engine)
-    await _eventually(lambda: backlog(stack) == 0)
+    await until(lambda: backlog(stack) == 0)
     assert engine.started_ids == []
 
 
@@ -196,15 +197,6 @@ def backlog(stack: Stack) -> int:
 
 async def _collect(stream: AsyncIterator[chat_pb2.ChatEvent]) -> list[chat_pb2.ChatEvent]:
     return [e async for e in stream]
-
-
-async def _eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while not condition():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_request_cancelled_while_queued_never_reaches_the_engine(stack: Stack) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 
 from mistral_serve.client import ChatClient
+from mistral_serve.frontend.errors import grpc_code
 from mistral_serve.frontend.health import READINESS_SERVICE
 from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READY
 from tests.conftest import REPO, free_port, start_redis
@@ -100,13 +101,9 @@ async def one_stream(client: ChatClient, prompt: str, tally: Tally, timeout_s: f
                 tally.tokens_duplicated += max(len(words) - len(expected), 0)
                 tally.completed += 1
             else:
-                tally.failed[grpc.StatusCode(_code(event.error.code)).name] += 1
+                tally.failed[grpc_code(event.error.code).name] += 1
     except grpc.aio.AioRpcError as error:
         tally.failed[error.code().name] += 1
-
-
-def _code(number: int) -> tuple[int, str]:
-    return next(c.value for c in grpc.StatusCode if c.value[0] == number)
 
 
 def spawn(kind: str, env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -8,19 +8,28 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def status_of(port: int, service: str) -> int:
+    """The service's health status now; UNKNOWN (0) while the server does not answer."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=1
+            )
+        except grpc.aio.AioRpcError:
+            return int(health_pb2.HealthCheckResponse.UNKNOWN)
+        return int(reply.status)
+
+
+async def wait_for_status(port: int, service: str, wanted: int, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while (current := await status_of(port, service)) != wanted:
+        assert loop.time() < end, f"{service!r} on port {port} stayed {current}, wanted {wanted}"
+        await asyncio.sleep(0.05)
 
 
 async def wait_serving(port: int, service: str, timeout_s: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while loop.time() < end:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                if reply.status == SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"{service!r} on port {port} did not become SERVING in {timeout_s}s")
+    await wait_for_status(port, service, SERVING, timeout_s)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import cast
+
 import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
 
 
 def connect(url: str, password: str | None, *, max_connections: int = 64) -> redis.Redis:
@@ -16,3 +24,13 @@ def connect(url: str, password: str | None, *, max_connections: int = 64) -> red
     if password:
         kwargs["password"] = password
     return redis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+
+
+async def answers(client: redis.Redis, timeout_s: float) -> bool:
+    """Whether Redis answers a PING within `timeout_s` (readiness of both processes)."""
+    try:
+        # redis-py types ping() as sync-or-async; on the asyncio client it is always awaitable.
+        return bool(await asyncio.wait_for(cast("Awaitable[bool]", client.ping()), timeout=timeout_s))
+    except (RedisError, TimeoutError, OSError) as exc:
+        log.warning("readiness: Redis does not answer: %s", exc)
+        return False

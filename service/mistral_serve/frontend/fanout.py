@@ -61,7 +61,6 @@ class EventFanout:
         self._block_ms = block_ms
         self._grace_ms = max(1, int(detach_grace_s * 1000))
         self._subs: dict[bytes, list[Subscription]] = {}
-        self.healthy = True
 
     def open(self, request_id: str, *, after_entry_id: bytes = b"0-0") -> Subscription:
         """Follow `request_id`'s events after `after_entry_id`; for a new request, call before queuing it."""
@@ -99,10 +98,6 @@ class EventFanout:
         except RedisError as exc:
             raise BackendUnavailable(f"the event stream is unreachable: {exc}") from exc
 
-    @property
-    def open_count(self) -> int:
-        return sum(len(followers) for followers in self._subs.values())
-
     async def run(self) -> None:
         await asyncio.gather(self._read_forever(), self._keep_attached())
 
@@ -113,9 +108,7 @@ class EventFanout:
             try:
                 await self._read_once()
                 backoff = 0.05
-                self.healthy = True
             except RedisError as exc:
-                self.healthy = False
                 log.warning("event reader lost Redis (%s); retrying in %.2fs", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import cast
 
 import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2
-from redis.exceptions import RedisError
 
+from mistral_serve.common.redis_client import answers
 from mistral_serve.v1 import chat_pb2
 
 log = logging.getLogger(__name__)
@@ -34,22 +32,10 @@ class FrontendHealth:
     async def run(self) -> None:
         """Keep readiness in step with Redis: SERVING only while it answers."""
         while not self._draining:
-            ready = await self._redis_answers()
+            ready = await answers(self._redis, self._interval_s)
             await self.servicer.set(READINESS_SERVICE, SERVING if ready else NOT_SERVING)
             await asyncio.sleep(self._interval_s)
 
     async def drain(self) -> None:
         self._draining = True
         await self.servicer.enter_graceful_shutdown()
-
-    async def _redis_answers(self) -> bool:
-        try:
-            return bool(await asyncio.wait_for(_ping(self._redis), timeout=self._interval_s))
-        except (RedisError, TimeoutError, OSError) as exc:
-            log.warning("readiness: Redis does not answer: %s", exc)
-            return False
-
-
-async def _ping(client: redis.Redis) -> bool:
-    # redis-py types ping() as sync-or-async; on the asyncio client it is always awaitable.
-    return bool(await cast("Awaitable[bool]", client.ping()))

@@ -158,9 +158,3 @@ class RequestQueue:
         except RedisError as exc:
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
         return None if value is None else bytes(value).decode()
-
-    async def backlog(self) -> int:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for stream in self._streams:
-                pipe.xlen(stream)
-            return sum(int(n) for n in await pipe.execute())

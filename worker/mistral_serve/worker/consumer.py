@@ -79,7 +79,6 @@ class Consumer:
         self._starting: set[str] = set()
         self._slot_free = asyncio.Event()
         self._claiming = True
-        self.resumed = 0  # jobs taken over from lost workers, for tests and metrics
 
     @property
     def inflight(self) -> int:
@@ -278,7 +277,6 @@ class Consumer:
                     f"the request was started {attempts - 1} times and each time its worker was lost",
                     retryable=True,
                 )
-            self.resumed += 1
             log.info(
                 "resuming request %s after %d tokens (run %d)",
                 queued.request_id,

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import cast
+from collections.abc import Callable
 
 import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from redis.exceptions import RedisError
 
+from mistral_serve.common.redis_client import answers
 from mistral_serve.v1 import chat_pb2
 
 from .engine import Engine, EngineRequest
@@ -62,7 +61,7 @@ class WorkerHealth:
 
     async def run(self) -> None:
         while not self._draining:
-            ready = self._engine.is_ready() and await self._redis_answers()
+            ready = self._engine.is_ready() and await answers(self._redis, self._interval_s)
             await self.servicer.set(READINESS_SERVICE, SERVING if ready else NOT_SERVING)
             await asyncio.sleep(self._interval_s)
 
@@ -97,13 +96,6 @@ class WorkerHealth:
         if self.server is not None:
             await self.server.stop(0)
 
-    async def _redis_answers(self) -> bool:
-        try:
-            return bool(await asyncio.wait_for(_ping(self._redis), timeout=self._interval_s))
-        except (RedisError, TimeoutError, OSError) as exc:
-            log.warning("readiness: Redis does not answer: %s", exc)
-            return False
-
 
 def _deep_check_request() -> chat_pb2.ChatRequest:
     request = chat_pb2.ChatRequest(
@@ -127,8 +119,3 @@ async def _first_token(engine: Engine, request: EngineRequest) -> bool:
         close = getattr(outputs, "aclose", None)
         if close is not None:
             await close()  # ends the request in the engine at once, not when the generator is collected
-
-
-async def _ping(client: redis.Redis) -> bool:
-    # redis-py types ping() as sync-or-async; on the asyncio client it is always awaitable.
-    return bool(await cast("Awaitable[bool]", client.ping()))
