@@ -320,6 +320,10 @@ def test_frontend_http_probes_ask_the_http_health_paths(chart: helm.Chart) -> No
     assert c["readinessProbe"]["httpGet"] == {"path": HTTP_READINESS, "port": "http"}
     assert "grpc" not in c["livenessProbe"] and "grpc" not in c["readinessProbe"]
     assert c["readinessProbe"]["periodSeconds"] == 5
+    tls = merged(TOGGLES["http-probes"], {"frontend": {"tls": {"enabled": True, "existingSecret": "fe-tls"}}})
+    c = container(frontend(render(chart, tls)))
+    assert c["livenessProbe"]["httpGet"] == {"path": HTTP_LIVENESS, "port": "http", "scheme": "HTTPS"}
+    assert c["readinessProbe"]["httpGet"] == {"path": HTTP_READINESS, "port": "http", "scheme": "HTTPS"}
 
 
 def test_frontend_with_tls_probes_the_plaintext_health_port(chart: helm.Chart) -> None:
@@ -497,7 +501,7 @@ def test_mtls_files_come_from_secrets(chart: helm.Chart) -> None:
         ({"frontend": {"httpPort": 50051}}, "must differ"),
         ({"frontend": {"httpPort": 9090}}, "must differ"),
         (merged(TOGGLES["frontend-mtls"], {"frontend": {"healthPort": 8000}}), "must differ"),
-        (merged(TOGGLES["frontend-mtls"], TOGGLES["http-probes"]), "protocol=http"),
+        (merged(TOGGLES["frontend-mtls"], TOGGLES["http-probes"]), "mTLS"),
         ({"frontend": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}, "minReplicas"),
         ({"frontend": {"resources": {"requests": {"cpu": None}}}}, "requests.cpu"),
     ],

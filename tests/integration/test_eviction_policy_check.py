@@ -38,6 +38,7 @@ def spawn(kind: str, redis_url: str, env: dict[str, str]) -> tuple[subprocess.Po
             "MISTRAL_SERVE_HEALTH_HOST": "127.0.0.1",
             "MISTRAL_SERVE_GRPC_PORT" if kind == "frontend" else "MISTRAL_SERVE_HEALTH_PORT": str(port),
             "MISTRAL_SERVE_METRICS_PORT": "0",
+            "MISTRAL_SERVE_HTTP_PORT": "0",
             "MISTRAL_SERVE_METRICS_HOST": "127.0.0.1",
             "MISTRAL_SERVE_ENGINE": "tests.support.scripted_engine:from_env",
             "MISTRAL_SERVE_LOG_FORMAT": "text",

@@ -200,11 +200,17 @@ grpc:
 {{ toYaml .timing }}
 {{- end }}
 
-{{/* An HTTP probe on the frontend's HTTP port: (dict "path" "/health/live" "timing" .Values.frontend.probes.liveness). */}}
+{{/*
+An HTTP probe on the frontend's HTTP port: (dict "path" "/health/live" "tls" true "timing" ...). The HTTP
+port speaks the gRPC port's TLS; the kubelet's HTTPS probe does not verify the certificate.
+*/}}
 {{- define "mistral-serve.httpProbe" -}}
 httpGet:
   path: {{ .path }}
   port: http
+  {{- if .tls }}
+  scheme: HTTPS
+  {{- end }}
 {{ toYaml .timing }}
 {{- end }}
 

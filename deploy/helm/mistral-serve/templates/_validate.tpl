@@ -64,8 +64,8 @@ values to change. Included once, from deployment-frontend.yaml, so every render 
 {{- if ne (len $fePorts) (len (uniq $fePorts)) }}
 {{- fail (printf "frontend ports must differ: grpcPort, httpPort, metricsPort%s are %v" (ternary " and healthPort (TLS)" "" $v.frontend.tls.enabled) $fePorts) }}
 {{- end }}
-{{- if and (eq $v.frontend.probes.protocol "http") $v.frontend.tls.enabled }}
-{{- fail "frontend.probes.protocol=http probes in plain text: with frontend.tls.enabled use protocol grpc, which probes the plain-text frontend.healthPort" }}
+{{- if and (eq $v.frontend.probes.protocol "http") $v.frontend.tls.clientCA.existingSecret }}
+{{- fail "frontend.probes.protocol=http cannot pass mTLS (frontend.tls.clientCA): the kubelet has no client certificate; use protocol grpc, which probes the plain-text frontend.healthPort" }}
 {{- end }}
 {{- if eq (int $v.worker.healthPort) (int $v.worker.metricsPort) }}
 {{- fail "worker.healthPort and worker.metricsPort must differ" }}
