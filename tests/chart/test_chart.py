@@ -12,9 +12,11 @@ No skips: these tests need helm-python-sdk and kubernetes-validate, and fail lou
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ import jsonschema
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+
+from mistral_serve.common import keys
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "mistral-serve"
 EXAMPLES = sorted((CHART_DIR / "examples").glob("*-values.yaml"))
@@ -40,6 +44,9 @@ CRD_KINDS = {
 }
 GPU = "nvidia.com/gpu"
 FRONTEND_READINESS = "mistral_serve.v1.ChatService"
+# The frontend's HTTP health paths (the HTTP door serves them on MISTRAL_SERVE_HTTP_PORT).
+HTTP_LIVENESS, HTTP_READINESS = "/health/live", "/health/ready"
+REDIS_AUTH_SECRET = f"{FULLNAME}-redis-auth"
 WORKER_READINESS = "mistral_serve.worker"
 
 Manifest = dict[str, Any]
@@ -80,6 +87,19 @@ TOGGLES: dict[str, Values] = {
         }
     },
     "auth-off": {"frontend": {"auth": {"enabled": False}}},
+    "http-probes": {"frontend": {"probes": {"protocol": "http"}, "httpPort": 8080}},
+    "redis-own-secret-and-claim": {
+        "redis": {
+            "internal": {
+                "auth": {"existingSecret": "redis-pass", "key": "pw"},
+                "persistence": {"existingClaim": "redis-data", "appendfsync": "always"},
+            }
+        },
+        "keda": {"enabled": True},
+    },
+    "redis-ephemeral-open": {
+        "redis": {"internal": {"persistence": {"enabled": False}, "networkPolicy": {"enabled": False}}}
+    },
     "fixed-replicas": {
         "frontend": {"autoscaling": {"enabled": False}, "replicas": 3, "pdb": {"enabled": False}},
         "worker": {"replicas": 2, "pdb": {"enabled": False}},
@@ -282,6 +302,30 @@ def test_frontend_probes_use_grpc_health_on_the_grpc_port(chart: helm.Chart) -> 
     assert c["readinessProbe"]["grpc"] == {"port": port, "service": FRONTEND_READINESS}
 
 
+def test_frontend_serves_the_http_api_on_its_port(chart: helm.Chart) -> None:
+    for values, port in (({}, 8000), (TOGGLES["http-probes"], 8080)):
+        objects = render(chart, values)
+        deployment = frontend(objects)
+        assert env_value(deployment, "MISTRAL_SERVE_HTTP_PORT") == str(port)
+        assert {"name": "http", "containerPort": port, "protocol": "TCP"} in container(deployment)["ports"]
+        service = one(objects, "Service", f"{FULLNAME}-frontend")
+        assert {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"} in service["spec"][
+            "ports"
+        ]
+
+
+def test_frontend_http_probes_ask_the_http_health_paths(chart: helm.Chart) -> None:
+    c = container(frontend(render(chart, TOGGLES["http-probes"])))
+    assert c["livenessProbe"]["httpGet"] == {"path": HTTP_LIVENESS, "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": HTTP_READINESS, "port": "http"}
+    assert "grpc" not in c["livenessProbe"] and "grpc" not in c["readinessProbe"]
+    assert c["readinessProbe"]["periodSeconds"] == 5
+    tls = merged(TOGGLES["http-probes"], {"frontend": {"tls": {"enabled": True, "existingSecret": "fe-tls"}}})
+    c = container(frontend(render(chart, tls)))
+    assert c["livenessProbe"]["httpGet"] == {"path": HTTP_LIVENESS, "port": "http", "scheme": "HTTPS"}
+    assert c["readinessProbe"]["httpGet"] == {"path": HTTP_READINESS, "port": "http", "scheme": "HTTPS"}
+
+
 def test_frontend_with_tls_probes_the_plaintext_health_port(chart: helm.Chart) -> None:
     deployment = frontend(render(chart, TOGGLES["frontend-mtls"]))
     c = container(deployment)
@@ -356,7 +400,7 @@ def test_worker_host_path_cache_and_token_secret(chart: helm.Chart) -> None:
     objects = render(chart, TOGGLES["host-path-cache"])
     deployment = worker(objects)
     assert "hostPath" in volumes_of(deployment)["model-cache"]
-    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    assert not [o for o in objects if o["metadata"]["name"] == f"{FULLNAME}-model-cache"]
     assert env_of(deployment)["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
     assert env_value(deployment, "HF_HUB_OFFLINE") == "1"
 
@@ -401,7 +445,9 @@ SECRET_ENV = re.compile(r"PASSWORD|_TOKEN$|SECRET|_KEY$")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_no_secret_value_is_inlined(chart: helm.Chart, case: str) -> None:
     objects = render(chart, CASES[case])
-    assert not [o for o in objects if o["kind"] in {"Secret", "ConfigMap"}]
+    # The one Secret the chart writes is the in-chart Redis's generated password, never a value.
+    secrets = [o for o in objects if o["kind"] in {"Secret", "ConfigMap"}]
+    assert [(o["kind"], o["metadata"]["name"]) for o in secrets] in ([], [("Secret", REDIS_AUTH_SECRET)])
     for obj in (frontend(objects), worker(objects)):
         for name, entry in env_of(obj).items():
             if SECRET_ENV.search(name):
@@ -452,6 +498,10 @@ def test_mtls_files_come_from_secrets(chart: helm.Chart) -> None:
         ({"frontend": {"tls": {"clientCA": {"existingSecret": "ca"}}}}, "mTLS"),
         ({"frontend": {"service": {"headless": True, "type": "LoadBalancer"}}}, "headless"),
         ({"frontend": {"metricsPort": 50051}}, "must differ"),
+        ({"frontend": {"httpPort": 50051}}, "must differ"),
+        ({"frontend": {"httpPort": 9090}}, "must differ"),
+        (merged(TOGGLES["frontend-mtls"], {"frontend": {"healthPort": 8000}}), "must differ"),
+        (merged(TOGGLES["frontend-mtls"], TOGGLES["http-probes"]), "mTLS"),
         ({"frontend": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}}, "minReplicas"),
         ({"frontend": {"resources": {"requests": {"cpu": None}}}}, "requests.cpu"),
     ],
@@ -470,7 +520,99 @@ def test_in_chart_redis_is_the_default(chart: helm.Chart) -> None:
     one(objects, "Service", f"{FULLNAME}-redis")
     for deployment in (frontend(objects), worker(objects)):
         assert env_value(deployment, "MISTRAL_SERVE_REDIS_URL") == f"redis://{FULLNAME}-redis:6379/0"
-        assert "MISTRAL_SERVE_REDIS_PASSWORD" not in env_of(deployment)
+
+
+def redis_args(objects: list[Manifest]) -> dict[str, str]:
+    args: list[str] = container(one(objects, "Deployment", f"{FULLNAME}-redis"))["args"]
+    assert len(args) % 2 == 0 and all(a.startswith("--") for a in args[::2])
+    return dict(zip(args[::2], args[1::2], strict=True))
+
+
+def test_in_chart_redis_keeps_an_everysec_aof_on_a_claim_by_default(chart: helm.Chart) -> None:
+    objects = render(chart, {})
+    args = redis_args(objects)
+    assert args["--appendonly"] == "yes"
+    assert args["--appendfsync"] == "everysec"
+    deployment = one(objects, "Deployment", f"{FULLNAME}-redis")
+    data_dir = args["--dir"]
+    claim = volumes_of(deployment)[mounts_of(deployment)[data_dir]]["persistentVolumeClaim"]["claimName"]
+    pvc = one(objects, "PersistentVolumeClaim", claim)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "8Gi"
+
+
+def test_in_chart_redis_persistence_settings(chart: helm.Chart) -> None:
+    own = render(chart, TOGGLES["redis-own-secret-and-claim"])
+    deployment = one(own, "Deployment", f"{FULLNAME}-redis")
+    assert volumes_of(deployment)["data"]["persistentVolumeClaim"] == {"claimName": "redis-data"}
+    assert redis_args(own)["--appendfsync"] == "always"
+    assert not [o for o in own if o["kind"] == "PersistentVolumeClaim" and "redis" in o["metadata"]["name"]]
+    ephemeral = render(chart, TOGGLES["redis-ephemeral-open"])
+    assert volumes_of(one(ephemeral, "Deployment", f"{FULLNAME}-redis"))["data"] == {
+        "name": "data",
+        "emptyDir": {},
+    }
+    assert redis_args(ephemeral)["--appendonly"] == "yes"
+
+
+def password_refs(objects: list[Manifest]) -> dict[str, Manifest]:
+    """Where each Deployment's Redis password comes from (its secretKeyRef), by Deployment name."""
+    refs = {
+        d["metadata"]["name"]: env_of(d)["MISTRAL_SERVE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        for d in (frontend(objects), worker(objects))
+    }
+    redis = env_of(one(objects, "Deployment", f"{FULLNAME}-redis"))
+    refs[f"{FULLNAME}-redis"] = redis["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert redis["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"] == refs[f"{FULLNAME}-redis"]
+    return refs
+
+
+def test_in_chart_redis_always_has_a_generated_password(chart: helm.Chart) -> None:
+    objects = render(chart, {})
+    assert redis_args(objects)["--requirepass"] == "$(REDIS_PASSWORD)"
+    refs = password_refs(objects)
+    assert all(ref == {"name": REDIS_AUTH_SECRET, "key": "password"} for ref in refs.values()), refs
+    secret = one(objects, "Secret", REDIS_AUTH_SECRET)
+    password = base64.b64decode(secret["data"]["password"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{32}", password)
+    # Drawn at random on install: two fresh installs never share a password.
+    again = one(render(chart, {}), "Secret", REDIS_AUTH_SECRET)
+    assert again["data"]["password"] != secret["data"]["password"]
+
+
+def test_in_chart_redis_password_from_the_users_secret(chart: helm.Chart) -> None:
+    objects = render(chart, TOGGLES["redis-own-secret-and-claim"])
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    refs = password_refs(objects)
+    assert all(ref == {"name": "redis-pass", "key": "pw"} for ref in refs.values()), refs
+    auth = one(objects, "TriggerAuthentication", f"{FULLNAME}-worker")
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "redis-pass", "key": "pw"}]
+
+
+# What secret-redis.yaml asks the cluster, and what the cluster answers on an upgrade.
+REDIS_SECRET_LOOKUP = 'lookup "v1" "Secret" .Release.Namespace (include "mistral-serve.redisAuthSecret" .)'
+STORED_SECRET = '(dict "data" (dict "password" "a2VwdC1hY3Jvc3MtdXBncmFkZXM="))'
+
+
+def test_generated_redis_password_is_kept_across_upgrades(tmp_path: Path) -> None:
+    # Helm's offline render answers every `lookup` with nothing, and helm-python-sdk has no lookup stub.
+    # So this copy of the chart answers secret-redis.yaml's lookup with a stored Secret, as the cluster
+    # does on an upgrade; the rest of the template runs as shipped, and the stored password must stay.
+    copy_dir = tmp_path / "mistral-serve"
+    shutil.copytree(CHART_DIR, copy_dir)
+    template = copy_dir / "templates" / "secret-redis.yaml"
+    text = template.read_text()
+    assert text.count(REDIS_SECRET_LOOKUP) == 1
+    template.write_text(text.replace(REDIS_SECRET_LOOKUP, STORED_SECRET))
+    with helm.Chart.load(copy_dir) as upgraded:
+        for _ in range(2):
+            rendered = upgraded.render({}, name=RELEASE, namespace=NAMESPACE, is_upgrade=True)
+            secret = one(
+                [d for d in yaml.safe_load_all(rendered["mistral-serve/templates/secret-redis.yaml"]) if d],
+                "Secret",
+                REDIS_AUTH_SECRET,
+            )
+            assert base64.b64decode(secret["data"]["password"]) == b"kept-across-upgrades"
 
 
 def test_in_chart_redis_never_evicts_queue_entries(chart: helm.Chart) -> None:
@@ -509,12 +651,16 @@ def test_exactly_one_redis_is_required(chart: helm.Chart, values: Values) -> Non
         render(chart, values)
 
 
-def test_pool_names_the_stream_everywhere(chart: helm.Chart) -> None:
-    objects = render(chart, {"pool": "vision", "keda": {"enabled": True}})
-    assert env_value(frontend(objects), "MISTRAL_SERVE_POOL") == "vision"
-    assert env_value(worker(objects), "MISTRAL_SERVE_POOL") == "vision"
-    trigger = one(objects, "ScaledObject", f"{FULLNAME}-worker")["spec"]["triggers"][0]
-    assert trigger["metadata"]["stream"] == "mistral_serve:vision:requests"
+@pytest.mark.parametrize("pool", ["default", "vision"])
+def test_keda_watches_every_band_stream_that_the_code_uses(chart: helm.Chart, pool: str) -> None:
+    objects = render(chart, {"pool": pool, "keda": {"enabled": True}})
+    assert env_value(frontend(objects), "MISTRAL_SERVE_POOL") == pool
+    assert env_value(worker(objects), "MISTRAL_SERVE_POOL") == pool
+    triggers = one(objects, "ScaledObject", f"{FULLNAME}-worker")["spec"]["triggers"]
+    # The names come from keys.py, the code's one home for them, so chart and code cannot drift.
+    assert [t["metadata"]["stream"] for t in triggers] == keys.request_streams(pool)
+    assert [t["name"] for t in triggers] == [f"requests-{band}" for band in keys.BANDS]
+    assert len({t["metadata"]["consumerGroup"] for t in triggers} | {keys.WORKER_GROUP}) == 1
 
 
 def test_event_retention_is_the_same_for_both_processes(chart: helm.Chart) -> None:
@@ -565,23 +711,34 @@ def test_keda_scales_workers_on_the_request_stream(chart: helm.Chart) -> None:
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     assert scaled["spec"]["scaleTargetRef"]["name"] == f"{FULLNAME}-worker"
     assert scaled["spec"]["minReplicaCount"] >= 1
-    [trigger] = scaled["spec"]["triggers"]
-    assert trigger["type"] == "redis-streams"
-    meta = trigger["metadata"]
-    assert meta["address"] == f"{FULLNAME}-redis.{NAMESPACE}.svc:6379"
-    assert meta["stream"] == "mistral_serve:default:requests"
-    assert meta["consumerGroup"] == "workers"
-    assert int(meta["pendingEntriesCount"]) < int(
-        env_value(worker(objects), "MISTRAL_SERVE_WORKER_MAX_INFLIGHT")
-    )
-    assert all(isinstance(v, str) for v in meta.values())
-    assert "authenticationRef" not in trigger
-    assert not [o for o in objects if o["kind"] == "TriggerAuthentication"]
+    triggers = scaled["spec"]["triggers"]
+    assert len(triggers) == len(keys.BANDS)
+    for trigger in triggers:
+        assert trigger["type"] == "redis-streams"
+        meta = trigger["metadata"]
+        assert meta["address"] == f"{FULLNAME}-redis.{NAMESPACE}.svc:6379"
+        assert meta["consumerGroup"] == "workers"
+        assert int(meta["pendingEntriesCount"]) < int(
+            env_value(worker(objects), "MISTRAL_SERVE_WORKER_MAX_INFLIGHT")
+        )
+        assert all(isinstance(v, str) for v in meta.values())
+        # The in-chart Redis has a password, which KEDA reads from the same Secret as the processes.
+        auth = one(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    assert auth["spec"]["secretTargetRef"] == [
+        {"parameter": "password", "name": REDIS_AUTH_SECRET, "key": "password"}
+    ]
+
+
+def test_keda_lag_count_wakes_a_pool_at_zero_for_every_band(chart: helm.Chart) -> None:
+    scaled = one(render(chart, TOGGLES["keda-lag-scale-to-zero"]), "ScaledObject", f"{FULLNAME}-worker")
+    assert scaled["spec"]["minReplicaCount"] == 0
+    streams = {t["metadata"]["stream"] for t in scaled["spec"]["triggers"] if "lagCount" in t["metadata"]}
+    assert streams == set(keys.request_streams("default"))
 
 
 def test_keda_authenticates_to_external_redis_from_secrets(chart: helm.Chart) -> None:
     objects = render(chart, TOGGLES["keda-external-redis"])
-    [trigger] = one(objects, "ScaledObject", f"{FULLNAME}-worker")["spec"]["triggers"]
+    trigger, *_ = one(objects, "ScaledObject", f"{FULLNAME}-worker")["spec"]["triggers"]
     assert trigger["metadata"]["address"] == "redis.data.svc:6380"
     assert trigger["metadata"]["databaseIndex"] == "1"
     assert trigger["metadata"]["enableTLS"] == "true"
@@ -593,7 +750,11 @@ def test_keda_authenticates_to_external_redis_from_secrets(chart: helm.Chart) ->
 
 def test_keda_defaults_port_of_an_external_url_without_one(chart: helm.Chart) -> None:
     values = merged(TOGGLES["external-redis-plain"], {"keda": {"enabled": True}})
-    [trigger] = one(render(chart, values), "ScaledObject", f"{FULLNAME}-worker")["spec"]["triggers"]
+    objects = render(chart, values)
+    trigger, *_ = one(objects, "ScaledObject", f"{FULLNAME}-worker")["spec"]["triggers"]
+    # No password and no CA: KEDA needs no TriggerAuthentication.
+    assert "authenticationRef" not in trigger
+    assert not [o for o in objects if o["kind"] == "TriggerAuthentication"]
     assert trigger["metadata"]["address"] == "redis.data.svc:6379"
     assert trigger["metadata"]["databaseIndex"] == "0"
     assert "enableTLS" not in trigger["metadata"]
@@ -640,6 +801,22 @@ def test_otel_settings_reach_both_processes(chart: helm.Chart) -> None:
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env_of(frontend(render(chart, {})))
 
 
+def test_only_the_release_reaches_the_in_chart_redis_by_default(chart: helm.Chart) -> None:
+    objects = render(chart, {})
+    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+    assert [p["metadata"]["name"] for p in policies] == [f"{FULLNAME}-redis"]
+    spec = policies[0]["spec"]
+    assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "redis"
+    assert spec["policyTypes"] == ["Ingress"]
+    [rule] = spec["ingress"]
+    assert [s["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for s in rule["from"]] == [
+        "frontend",
+        "worker",
+    ]
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    assert not [o for o in render(chart, TOGGLES["redis-ephemeral-open"]) if o["kind"] == "NetworkPolicy"]
+
+
 def test_network_policies_fence_redis_workers_and_frontends(chart: helm.Chart) -> None:
     objects = render(chart, TOGGLES["network-policies"])
     redis = one(objects, "NetworkPolicy", f"{FULLNAME}-redis")["spec"]["ingress"]
@@ -651,9 +828,11 @@ def test_network_policies_fence_redis_workers_and_frontends(chart: helm.Chart) -
     assert components == {"frontend", "worker"}
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}} in sources
     front = one(objects, "NetworkPolicy", f"{FULLNAME}-frontend")["spec"]["ingress"]
-    grpc_rule = next(r for r in front if r["ports"][0]["port"] == "grpc")
-    allowed = grpc_rule["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"]
+    callers_rule = next(r for r in front if r["ports"][0]["port"] == "grpc")
+    allowed = callers_rule["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"]
     assert allowed == [NAMESPACE, "apps"]
+    # Callers reach both doors, gRPC and the OpenAI-compatible HTTP API, and nothing else.
+    assert [p["port"] for p in callers_rule["ports"]] == ["grpc", "http"]
     workers = one(objects, "NetworkPolicy", f"{FULLNAME}-worker")["spec"]["ingress"]
     assert [p["port"] for r in workers for p in r["ports"]] == ["metrics"]
     closed = render(chart, TOGGLES["network-policies-no-metrics"])
@@ -689,6 +868,11 @@ BAD_VALUES: dict[str, Values] = {
     "namespace-name": {"networkPolicy": {"allowedNamespaces": ["Apps!"]}},
     "pdb-zero": {"worker": {"pdb": {"maxUnavailable": 0}}},
     "auth-enabled-string": {"frontend": {"auth": {"enabled": "yes"}}},
+    "http-port-string": {"frontend": {"httpPort": "8000"}},
+    "probe-protocol": {"frontend": {"probes": {"protocol": "tcp"}}},
+    "redis-fsync-no": {"redis": {"internal": {"persistence": {"appendfsync": "no"}}}},
+    "redis-secret-name": {"redis": {"internal": {"auth": {"existingSecret": "Bad_Name"}}}},
+    "redis-persistence-string": {"redis": {"internal": {"persistence": {"enabled": "true"}}}},
 }
 
 

@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from typing import cast
 
 import redis.asyncio as redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +34,51 @@ async def answers(client: redis.Redis, timeout_s: float) -> bool:
     except (RedisError, TimeoutError, OSError) as exc:
         log.warning("readiness: Redis does not answer: %s", exc)
         return False
+
+
+# The only eviction policy under which Redis never drops a key: a queue entry or an event stream that
+# Redis evicts is a request lost without an error.
+SAFE_EVICTION_POLICY = "noeviction"
+
+
+class EvictingRedis(SystemExit):
+    """Raised at startup when Redis may evict keys; a SystemExit so the process stops with its message
+    (exit status 1) rather than a traceback."""
+
+
+async def refuse_evicting_redis(client: redis.Redis, timeout_s: float = 5.0) -> None:
+    """Stop the process when Redis's `maxmemory-policy` is not `noeviction`.
+
+    Where the policy cannot be read (a managed Redis that renames or denies CONFIG, or a Redis not up
+    yet) log a warning and go on: the operator has to check the setting there.
+    """
+    try:
+        reply = await asyncio.wait_for(
+            cast("Awaitable[dict[bytes | str, bytes | str]]", client.config_get("maxmemory-policy")),
+            timeout=timeout_s,
+        )
+    except ResponseError as exc:
+        log.warning(
+            "cannot read Redis maxmemory-policy (%s); make sure it is %s, or evicted requests are lost",
+            exc,
+            SAFE_EVICTION_POLICY,
+        )
+        return
+    except (RedisError, TimeoutError, OSError) as exc:
+        log.warning("Redis does not answer (%s): maxmemory-policy not checked", exc)
+        return
+    policy = _text(next(iter(reply.values()), b""))
+    if policy == SAFE_EVICTION_POLICY:
+        return
+    message = (
+        f"Redis maxmemory-policy is {policy or 'unset'!r}: Redis may evict queued requests and event "
+        f"streams, which loses requests without an error. Set maxmemory-policy {SAFE_EVICTION_POLICY} "
+        f"(CONFIG SET maxmemory-policy {SAFE_EVICTION_POLICY}, or in redis.conf / the managed Redis's "
+        "parameter group)."
+    )
+    log.critical(message)
+    raise EvictingRedis(message)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
-from mistral_serve.common.redis_client import connect
+from mistral_serve.common.redis_client import connect, refuse_evicting_redis
 from mistral_serve.common.telemetry import MetricsServer, get_tracer, serve_metrics
 from mistral_serve.v1 import chat_pb2_grpc
 
@@ -83,6 +83,7 @@ async def start_frontend(
 ) -> Frontend:
     """Start a frontend; spans go to `tracer_provider` (tests), else to the process's global provider."""
     client = connect(settings.redis_url, settings.redis_password)
+    await refuse_evicting_redis(client)
     metrics = FrontendMetrics(settings.pool)
     tracer = get_tracer(tracer_provider)
     fanout = EventFanout(client, settings.instance_id, detach_grace_s=settings.detach_grace_s)

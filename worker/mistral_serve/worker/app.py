@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import redis.asyncio as redis
 from opentelemetry import trace
 
-from mistral_serve.common.redis_client import connect
+from mistral_serve.common.redis_client import connect, refuse_evicting_redis
 from mistral_serve.common.telemetry import MetricsServer, get_tracer, serve_metrics
 
 from . import tracing
@@ -79,6 +79,7 @@ async def start_worker(
 ) -> Worker:
     """Start a worker; spans go to `tracer_provider` (tests), else to the process's global provider."""
     client = connect(settings.redis_url, settings.redis_password, max_connections=settings.max_inflight + 8)
+    await refuse_evicting_redis(client)
     metrics = WorkerMetrics(settings.model_name)
     health = WorkerHealth(
         client,

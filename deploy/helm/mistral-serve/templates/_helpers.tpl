@@ -57,6 +57,46 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- printf "%s-redis" (include "mistral-serve.fullname" .) }}
 {{- end }}
 
+{{/* The Secret holding the in-chart Redis's password: the user's, or the one the chart generates. */}}
+{{- define "mistral-serve.redisAuthSecret" -}}
+{{- default (printf "%s-redis-auth" (include "mistral-serve.fullname" .)) .Values.redis.internal.auth.existingSecret }}
+{{- end }}
+
+{{/*
+The generated password Secret: (dict "ctx" $ "existing" <the Secret as it is in the cluster, or empty>).
+The password is drawn once, at install; every later render keeps the one already stored, or an upgrade
+would lock frontends and workers out of a Redis that still runs with the old one. The caller passes
+`lookup`'s answer in, so that tests can hand it a stored Secret (Helm's offline render looks up nothing).
+*/}}
+{{- define "mistral-serve.redisAuthSecretManifest" -}}
+{{- $ctx := .ctx }}
+{{- $key := $ctx.Values.redis.internal.auth.key }}
+{{- $stored := dig "data" $key "" (default dict .existing) }}
+apiVersion: v1
+kind: Secret
+metadata:
+  name: {{ include "mistral-serve.redisAuthSecret" $ctx }}
+  namespace: {{ $ctx.Release.Namespace }}
+  labels:
+    {{- include "mistral-serve.labels" (dict "ctx" $ctx "component" "redis") | nindent 4 }}
+type: Opaque
+data:
+  {{ $key }}: {{ $stored | default (randAlphaNum 32 | b64enc) | quote }}
+{{- end }}
+
+{{/* Where the Redis password comes from, for frontends, workers and KEDA: (secretName, key), or empty. */}}
+{{- define "mistral-serve.redisPasswordRef" -}}
+{{- if .Values.redis.internal.enabled }}
+{{- toJson (dict "name" (include "mistral-serve.redisAuthSecret" .) "key" .Values.redis.internal.auth.key) }}
+{{- else if .Values.redis.external.passwordSecret.name }}
+{{- toJson .Values.redis.external.passwordSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "mistral-serve.redisDataClaim" -}}
+{{- default (printf "%s-redis-data" (include "mistral-serve.fullname" .)) .Values.redis.internal.persistence.existingClaim }}
+{{- end }}
+
 {{- define "mistral-serve.redisCAPath" -}}
 /etc/mistral-serve/redis-ca/ca.crt
 {{- end }}
@@ -91,12 +131,13 @@ Redis travels as redis-py's `ssl_ca_certs` URL option, so no extra setting is ne
       fieldPath: metadata.namespace
 - name: MISTRAL_SERVE_REDIS_URL
   value: {{ include "mistral-serve.redisUrl" . | quote }}
-{{- if and (not .Values.redis.internal.enabled) .Values.redis.external.passwordSecret.name }}
+{{- with include "mistral-serve.redisPasswordRef" . }}
+{{- $ref := fromJson . }}
 - name: MISTRAL_SERVE_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.redis.external.passwordSecret.name }}
-      key: {{ .Values.redis.external.passwordSecret.key }}
+      name: {{ $ref.name }}
+      key: {{ $ref.key }}
 {{- end }}
 - name: MISTRAL_SERVE_POOL
   value: {{ .Values.pool | quote }}
@@ -159,6 +200,20 @@ grpc:
 {{ toYaml .timing }}
 {{- end }}
 
+{{/*
+An HTTP probe on the frontend's HTTP port: (dict "path" "/health/live" "tls" true "timing" ...). The HTTP
+port speaks the gRPC port's TLS; the kubelet's HTTPS probe does not verify the certificate.
+*/}}
+{{- define "mistral-serve.httpProbe" -}}
+httpGet:
+  path: {{ .path }}
+  port: http
+  {{- if .tls }}
+  scheme: HTTPS
+  {{- end }}
+{{ toYaml .timing }}
+{{- end }}
+
 {{/* Frontend. */}}
 
 {{- define "mistral-serve.frontendTerminationGrace" -}}
@@ -197,9 +252,21 @@ grpc:
 {{- default (printf "%s-model-cache" (include "mistral-serve.fullname" .)) .Values.worker.modelCache.pvc.existingClaim }}
 {{- end }}
 
-{{/* The request stream of the pool, as the Python code names it. */}}
-{{- define "mistral-serve.requestStream" -}}
-{{- printf "mistral_serve:%s:requests" .Values.pool }}
+{{/*
+The pool's request streams, one per priority band, highest first, as the Python code names them
+(common/mistral_serve/common/keys.py `request_streams`; the chart tests check the two agree): a JSON
+list of {"band", "stream"}. The normal band keeps the plain name.
+*/}}
+{{- define "mistral-serve.requestStreams" -}}
+{{- $streams := list }}
+{{- range $band := list "high" "normal" "low" }}
+{{- $name := printf "mistral_serve:%s:requests" $.Values.pool }}
+{{- if ne $band "normal" }}
+{{- $name = printf "%s:%s" $name $band }}
+{{- end }}
+{{- $streams = append $streams (dict "band" $band "stream" $name) }}
+{{- end }}
+{{- toJson $streams }}
 {{- end }}
 
 {{/* KEDA: where its redis-streams scaler finds the stream. */}}
@@ -232,9 +299,9 @@ grpc:
 {{- end }}
 {{- end }}
 
-{{/* KEDA needs a TriggerAuthentication for a password or a private CA. */}}
+{{/* KEDA needs a TriggerAuthentication for a password (the in-chart Redis always has one) or a private CA. */}}
 {{- define "mistral-serve.kedaNeedsAuth" -}}
-{{- if and (not .Values.redis.internal.enabled) (or .Values.redis.external.passwordSecret.name .Values.redis.external.tlsCASecret.name) }}
+{{- if or (include "mistral-serve.redisPasswordRef" .) (and (not .Values.redis.internal.enabled) .Values.redis.external.tlsCASecret.name) }}
 {{- "true" }}
 {{- end }}
 {{- end }}

@@ -57,11 +57,15 @@ values to change. Included once, from deployment-frontend.yaml, so every render 
 {{- if and $v.frontend.tls.clientCA.existingSecret (not $v.frontend.tls.enabled) }}
 {{- fail "frontend.tls.clientCA (mTLS) needs frontend.tls.enabled" }}
 {{- end }}
-{{- if and $v.frontend.tls.enabled (or (eq (int $v.frontend.healthPort) (int $v.frontend.grpcPort)) (eq (int $v.frontend.healthPort) (int $v.frontend.metricsPort))) }}
-{{- fail "frontend.healthPort must differ from frontend.grpcPort and frontend.metricsPort" }}
+{{- $fePorts := list (int $v.frontend.grpcPort) (int $v.frontend.httpPort) (int $v.frontend.metricsPort) }}
+{{- if $v.frontend.tls.enabled }}
+{{- $fePorts = append $fePorts (int $v.frontend.healthPort) }}
 {{- end }}
-{{- if eq (int $v.frontend.grpcPort) (int $v.frontend.metricsPort) }}
-{{- fail "frontend.grpcPort and frontend.metricsPort must differ" }}
+{{- if ne (len $fePorts) (len (uniq $fePorts)) }}
+{{- fail (printf "frontend ports must differ: grpcPort, httpPort, metricsPort%s are %v" (ternary " and healthPort (TLS)" "" $v.frontend.tls.enabled) $fePorts) }}
+{{- end }}
+{{- if and (eq $v.frontend.probes.protocol "http") $v.frontend.tls.clientCA.existingSecret }}
+{{- fail "frontend.probes.protocol=http cannot pass mTLS (frontend.tls.clientCA): the kubelet has no client certificate; use protocol grpc, which probes the plain-text frontend.healthPort" }}
 {{- end }}
 {{- if eq (int $v.worker.healthPort) (int $v.worker.metricsPort) }}
 {{- fail "worker.healthPort and worker.metricsPort must differ" }}
