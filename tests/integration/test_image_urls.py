@@ -95,7 +95,8 @@ async def test_an_allowed_url_is_fetched(image_server: int) -> None:
     f = fetcher()
     try:
         fetched = await f.fetch(f"http://127.0.0.1:{image_server}/ok.png")
-        assert (fetched.data, fetched.mime_type, fetched.width, fetched.height) == (IMAGE, "image/png", 56, 28)
+        assert (fetched.data, fetched.mime_type) == (IMAGE, "image/png")
+        assert (fetched.width, fetched.height) == (56, 28)
         assert (await f.fetch(f"http://127.0.0.1:{image_server}/same.png")).data == IMAGE
     finally:
         await f.close()
