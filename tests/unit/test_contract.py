@@ -3,9 +3,12 @@ parts that read them agree."""
 
 from __future__ import annotations
 
-import pytest
+import logging
 
-from mistral_serve.common import sampling
+import pytest
+from redis.exceptions import RedisError
+
+from mistral_serve.common import retry, sampling
 from mistral_serve.common.contract import (
     FINISH_REASONS,
     code_name,
@@ -98,3 +101,24 @@ def test_the_served_name_is_never_a_local_path() -> None:
     assert served_name("mistralai/Mistral-Small-3.2-24B-Instruct-2506", None).startswith("mistralai/")
     assert served_name("/work/.cache/tiny-model/", None) == "tiny-model"
     assert served_name("/work/.cache/tiny-model", "tiny") == "tiny"
+
+
+async def test_redis_work_is_retried_with_a_growing_capped_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def no_sleep(delay: float) -> None:
+        slept.append(delay)
+
+    monkeypatch.setattr(retry.asyncio, "sleep", no_sleep)
+    failures = iter([RedisError("down")] * 8)
+
+    async def op() -> str:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return "done"
+
+    backoff = retry.Backoff(initial_s=0.05, cap_s=2.0)
+    assert await retry.until_done(op, log=logging.getLogger("test"), what="op", backoff=backoff) == "done"
+    assert slept == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    assert backoff.delay_s == 0.05  # a success starts short again
