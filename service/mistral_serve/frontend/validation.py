@@ -1,4 +1,4 @@
-"""Every check of a ChatRequest that needs no I/O, and the defaults applied before it is queued.
+"""Every check of a ChatRequest that needs no I/O; the images it checks are handed to the request form.
 
 Every check names the offending field by its path, so a caller can fix it without guessing. The
 conversation rules are the model's, as `mistral_common`'s v11 request validator applies them (role
