@@ -57,19 +57,20 @@ def test_max_tokens_over_the_room_left_is_clamped_not_refused() -> None:
     assert new_tokens_allowed(10, None, 2048) == 2038
 
 
-def test_a_prompt_that_leaves_no_room_is_refused_with_the_counts() -> None:
-    counted = R.CountTokensResponse(prompt_tokens=2048)
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "field", "counts"),
+    [
+        (2048, 10, "messages", ("2048 tokens", "no room")),  # the prompt leaves no room
+        (10, 2049, "sampling.max_tokens", ("2049", "2048")),  # max_tokens alone over the context
+    ],
+)
+def test_a_request_that_cannot_fit_is_refused_with_the_counts(
+    prompt: int, max_tokens: int, field: str, counts: tuple[str, str]
+) -> None:
+    counted = R.CountTokensResponse(prompt_tokens=prompt)
+    request = req(user(), sampling=R.SamplingParams(max_tokens=max_tokens))
     with pytest.raises(InvalidRequest) as refused:
-        check_budget(counted, req(user(), sampling=R.SamplingParams(max_tokens=10)), LIMITS, path="request.")
-    violation = refused.value.violations[0]
-    assert violation.field == "request.messages"
-    assert "2048 tokens" in violation.description and "no room" in violation.description
-
-
-def test_max_tokens_alone_over_the_context_is_refused_with_the_counts() -> None:
-    counted = R.CountTokensResponse(prompt_tokens=10)
-    with pytest.raises(InvalidRequest) as refused:
-        check_budget(counted, req(user(), sampling=R.SamplingParams(max_tokens=2049)), LIMITS, path="")
-    violation = refused.value.violations[0]
-    assert violation.field == "sampling.max_tokens"
-    assert "2049" in violation.description and "2048" in violation.description
+        check_budget(counted, request, LIMITS, path="request.")
+    (violation,) = refused.value.violations
+    assert violation.field == f"request.{field}"
+    assert all(count in violation.description for count in counts), violation.description

@@ -22,6 +22,8 @@ from mistral_common.utils.json_utils import validate_json_schema_by_draft7
 
 from mistral_serve.common import sampling
 from mistral_serve.common.contract import (
+    DEFAULT_CONTEXT_LENGTH,
+    DEFAULT_MAX_IMAGES_PER_PROMPT,
     FUNCTION_NAME,
     FUNCTION_NAME_RULE,
     TOOL_CALL_ID,
@@ -64,8 +66,8 @@ _MAY_FOLLOW = {
 class Limits:
     """The front door's bounds; `from_settings` takes them from the frontend's settings."""
 
-    context_length: int = 131072
-    max_images: int = 10
+    context_length: int = DEFAULT_CONTEXT_LENGTH
+    max_images: int = DEFAULT_MAX_IMAGES_PER_PROMPT
     image: ImageLimits = field(default_factory=ImageLimits)
     image_urls_enabled: bool = False
     image_url_allowed_hosts: tuple[str, ...] = ()
