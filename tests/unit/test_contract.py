@@ -37,18 +37,21 @@ def test_openai_style_call_ids_are_their_last_nine_characters() -> None:
     assert form.request.messages[2].tool_call_id == "aBcDeFgHi"
 
 
+def parsed_calls(output: str) -> tuple[str, list[R.FunctionCall]]:
+    parser = ToolCallStreamParser(call_id_seed="r1")
+    text, _ = parser.feed(output)
+    tail, calls = parser.finish()
+    return text + tail, calls
+
+
 def test_a_call_the_parser_emits_is_one_the_front_door_accepts_back() -> None:
-    for name in ("get_weather", "math.sqrt"):
-        parser = ToolCallStreamParser(call_id_seed="r1")
-        parser.feed(f'[TOOL_CALLS]{name}[ARGS]{{"x": 1}}')
-        _, calls = parser.finish()
-        if not calls:
-            continue  # returned as text: nothing for the caller to send back
-        sent_back = req(user(), assistant("", *calls), result(calls[0].id))
-        validate_chat_request(sent_back)  # raises if the rules differ
-    dotted = ToolCallStreamParser()
-    dotted.feed('[TOOL_CALLS]math.sqrt[ARGS]{"x": 1}')
-    assert dotted.finish()[1] == []
+    _, calls = parsed_calls('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}')
+    validate_chat_request(req(user(), assistant("", *calls), result(calls[0].id)))  # raises if not
+
+
+def test_a_name_the_front_door_refuses_is_text_not_a_call() -> None:
+    output = '[TOOL_CALLS]math.sqrt[ARGS]{"x": 1}'
+    assert parsed_calls(output) == (output, [])
     with pytest.raises(InvalidRequest):
         validate_chat_request(req(user(), assistant("", call(name="math.sqrt")), result()))
 
