@@ -7,10 +7,13 @@ from typing import Any
 import pytest
 
 from mistral_serve.common.prompts import PromptBuilder
+from mistral_serve.frontend.token_count import TokenCounter
+from mistral_serve.v1 import chat_pb2
 from mistral_serve.worker.engine import EngineRequest
 from mistral_serve.worker.vllm_engine import VllmEngine
 from tests.engine.conftest import TinyModel
-from tests.engine.conversations import Conversation, all_conversations
+from tests.engine.conversations import Conversation, all_conversations, data_url
+from tests.integration.test_front_door import form_of
 
 CONVERSATIONS = all_conversations()
 IDS = [c.name for c in CONVERSATIONS]
@@ -24,6 +27,26 @@ def test_prompt_ids_equal_vllm_chat_rendering(
     builder = PromptBuilder.from_model(str(tiny_model.tokenizer_with_images))
     built = builder.build(conversation.chat)
     assert built.token_ids == vllm_reference["chat_prompt_ids"][conversation.name]
+
+
+def as_the_caller_sent_it(chat: chat_pb2.ChatRequest) -> chat_pb2.ChatRequest:
+    """`chat` with its images as data: URLs, as an OpenAI-style caller sends them."""
+    sent = chat_pb2.ChatRequest()
+    sent.CopyFrom(chat)
+    for message in sent.messages:
+        for part in message.content:
+            if part.WhichOneof("kind") == "image":
+                part.image_url = data_url(part.image.data)
+    return sent
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=IDS)
+def test_the_front_doors_count_equals_vllms_prompt(
+    conversation: Conversation, tiny_model: TinyModel, vllm_reference: dict[str, Any]
+) -> None:
+    counter = TokenCounter(PromptBuilder.from_model(str(tiny_model.tokenizer_with_images)))
+    counted = counter(form_of(as_the_caller_sent_it(conversation.chat)))
+    assert counted.prompt_tokens == len(vllm_reference["chat_prompt_ids"][conversation.name])
 
 
 @pytest.mark.asyncio(loop_scope="session")

@@ -12,6 +12,7 @@ from mistral_serve.worker.engine import EngineOutput, EngineRequest, EngineReque
 from mistral_serve.worker.vllm_engine import VllmEngine
 from tests.engine.conftest import TinyModel
 from tests.engine.conversations import data_url, make_png, text
+from tests.integration.test_front_door import form_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -117,11 +118,20 @@ async def test_prompt_over_the_context_raises_request_error_and_engine_stays_up(
     assert outputs[-1].finish_reason == "length"
 
 
-async def test_max_tokens_past_the_context_is_capped_to_what_fits(engine: VllmEngine) -> None:
-    request = chat("Short prompt.", 100000)
+async def test_max_tokens_of_the_whole_context_is_capped_to_what_the_prompt_leaves(
+    engine: VllmEngine,
+) -> None:
+    context = engine.settings.max_model_len
+    request = chat("Short prompt.", context)
     outputs = await collect(engine, EngineRequest("capped", request))
     # Random weights may stop early on </s>; what matters is that vLLM accepted the request.
     assert outputs[-1].finish_reason in ("length", "stop")
+    assert sum(len(o.token_ids) for o in outputs) <= context - outputs[-1].prompt_tokens
+
+
+async def test_max_tokens_alone_over_the_context_is_the_callers_fault(engine: VllmEngine) -> None:
+    with pytest.raises(EngineRequestError, match="max_tokens"):
+        await collect(engine, EngineRequest("over", chat("Hi", engine.settings.max_model_len + 1)))
 
 
 async def test_resume_continues_exactly_after_the_tokens_already_sent(engine: VllmEngine) -> None:
@@ -168,7 +178,9 @@ async def test_image_request_streams_with_image_tokens_counted(
     assert sum(len(o.token_ids) for o in outputs) == 8
 
 
-async def test_data_url_image_is_accepted_like_bytes(engine: VllmEngine, tiny_model: TinyModel) -> None:
+async def test_data_url_image_in_the_front_door_form_runs_like_bytes(
+    engine: VllmEngine, tiny_model: TinyModel
+) -> None:
     if not tiny_model.vision:
         pytest.skip("vision cannot load on this CPU build (see tiny_model.vision_runtime_available)")
     by_bytes = pb.ContentPart(image=pb.ImageBytes(data=make_png(), mime_type="image/png"))
@@ -179,7 +191,8 @@ async def test_data_url_image_is_accepted_like_bytes(engine: VllmEngine, tiny_mo
             messages=[pb.Message(role=pb.ROLE_USER, content=[text("Describe:"), part])],
             sampling=pb.SamplingParams(temperature=0.0, max_tokens=8),
         )
+        queued = form_of(request).request
         results.append(
-            [t for o in await collect(engine, EngineRequest(f"img-{i}", request)) for t in o.token_ids]
+            [t for o in await collect(engine, EngineRequest(f"img-{i}", queued)) for t in o.token_ids]
         )
     assert results[0] == results[1]

@@ -157,6 +157,20 @@ CASES: list[Case] = [
         "messages[1].tool_calls[0].id",
     ),
     Case(
+        "an OpenAI-style call id whose last 9 characters hold a dash",
+        req(user(), assistant("", call("call_1234-abcdefgh")), result("call_1234-abcdefgh")),
+        "messages[1].tool_calls[0].id",
+    ),
+    Case(
+        "two OpenAI-style call ids with the same last 9 characters",
+        req(
+            user(),
+            assistant("", call("call_aaXYZ123456"), call("call_bbXYZ123456")),
+            result("call_aaXYZ123456"),
+        ),
+        "messages[1].tool_calls[1].id",
+    ),
+    Case(
         "two tool calls with one id",
         req(user(), assistant("", call(), call()), result()),
         "messages[1].tool_calls[1].id",
@@ -288,8 +302,8 @@ CASES: list[Case] = [
     # Sampling
     Case("max_tokens 0", req(user(), sampling=sampling(max_tokens=0)), "sampling.max_tokens"),
     Case(
-        f"max_tokens {CONTEXT_LENGTH} (the whole context)",
-        req(user(), sampling=sampling(max_tokens=CONTEXT_LENGTH)),
+        f"max_tokens {CONTEXT_LENGTH + 1} (over the whole context)",
+        req(user(), sampling=sampling(max_tokens=CONTEXT_LENGTH + 1)),
         "sampling.max_tokens",
     ),
     Case("temperature 3", req(user(), sampling=sampling(temperature=3.0)), "sampling.temperature"),
@@ -322,9 +336,9 @@ CASES: list[Case] = [
     ),
     # Token budget (context 2048 on the table's frontend)
     Case(
-        "a prompt that fits, plus max_tokens that does not",
-        req(user(text("hello " * 300)), sampling=sampling(max_tokens=2000)),
-        "sampling.max_tokens",
+        "a prompt that fills the context, with max_tokens that alone would fit",
+        req(user(text("hello " * 3000)), sampling=sampling(max_tokens=10)),
+        "messages",
     ),
     Case("a text prompt longer than the context", req(user(text("hello " * 3000))), "messages"),
     Case(

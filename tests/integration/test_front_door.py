@@ -12,10 +12,13 @@ from typing import Any
 import grpc
 import pytest
 
+from mistral_serve.frontend.request_form import FrontDoorRequest, build_request_form
 from mistral_serve.frontend.server import Frontend, start_frontend
 from mistral_serve.frontend.settings import FrontendSettings
 from mistral_serve.frontend.token_count import TokenCounter
+from mistral_serve.frontend.validation import DEFAULT_LIMITS, Limits, validate_chat_request
 from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
+from mistral_serve.worker.engine import EngineOutput, EngineRequest
 from tests.engine.tiny_model import ensure_tiny_model
 from tests.integration.conftest import Stack
 from tests.integration.front_door_cases import (
@@ -24,11 +27,19 @@ from tests.integration.front_door_cases import (
     CASES,
     CONTEXT_LENGTH,
     MAX_IMAGE_BYTES,
+    SMALL_PNG,
     Case,
+    assistant,
+    call,
+    data_url,
     markdown_rows,
+    result,
+    text,
+    user,
 )
 from tests.integration.test_errors import bad_request_fields
 from tests.support.requests import chat, events_text
+from tests.support.scripted_engine import ScriptedEngine
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +48,12 @@ REPO = Path(__file__).resolve().parents[2]
 def tiny_token_counter() -> TokenCounter:
     """The tiny model's token counter, loaded once per test session."""
     model = ensure_tiny_model()
-    return TokenCounter.from_tokenizer_file(str(model / "tekken.json"), model_name=str(model), max_images=10)
+    return TokenCounter.from_tokenizer_file(str(model / "tekken.json"), model_name=str(model))
+
+
+def form_of(request: chat_pb2.ChatRequest, limits: Limits = DEFAULT_LIMITS) -> FrontDoorRequest:
+    """`request` in the form the front door queues it (no image URLs to fetch)."""
+    return build_request_form(request, validate_chat_request(request, limits=limits))
 
 
 @pytest.fixture
@@ -140,5 +156,57 @@ async def test_count_tokens_answers_the_budgeted_count(door: Frontend, token_cou
             timeout=10,
             metadata=[("authorization", f"Bearer {API_KEY}")],
         )
-    assert reply == token_counter(request)
+    assert reply == token_counter(form_of(request))
     assert reply.prompt_tokens > 0
+
+
+class RecordingEngine(ScriptedEngine):
+    """The scripted engine, keeping each request as the worker received it from the queue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[chat_pb2.ChatRequest] = []
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        self.received.append(request.chat)
+        return super().generate(request)
+
+
+async def raw_stream(door: Frontend, request: chat_pb2.ChatRequest) -> list[chat_pb2.ChatEvent]:
+    """The events of one ChatStream at the raw stub, with the table's key."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{door.port}") as channel:
+        call = chat_pb2_grpc.ChatServiceStub(channel).ChatStream(
+            chat_pb2.ChatStreamRequest(request=request),
+            timeout=10,
+            metadata=[("authorization", f"Bearer {API_KEY}")],
+        )
+        return [event async for event in call]
+
+
+@pytest.mark.parametrize("context", [CONTEXT_LENGTH, 131072])
+async def test_max_tokens_of_the_whole_context_is_clamped_not_refused(stack: Stack, context: int) -> None:
+    door = await front_door(stack, tiny_token_counter(), context_length=context)
+    await stack.worker()
+    events = await raw_stream(door, chat("a short prompt", max_tokens=context))
+    assert events[-1].WhichOneof("event") == "finished", events[-1]
+
+
+async def test_the_worker_gets_the_one_form_the_front_door_built(stack: Stack, door: Frontend) -> None:
+    engine = RecordingEngine()
+    await stack.worker(engine)
+    request = chat_pb2.ChatRequest(
+        messages=[
+            user(text("look"), chat_pb2.ContentPart(image_url=data_url(SMALL_PNG))),
+            assistant("", call("call_7fQx2LmN0aBcDeFgHi")),
+            result("call_7fQx2LmN0aBcDeFgHi"),
+        ]
+    )
+    events = await raw_stream(door, request)
+    assert events[-1].WhichOneof("event") == "finished", events[-1]
+    (received,) = engine.received
+    image_part = received.messages[0].content[1]
+    assert image_part.WhichOneof("kind") == "image"  # the data: URL, decoded once at the front door
+    assert (image_part.image.data, image_part.image.mime_type) == (SMALL_PNG, "image/png")
+    assert received.messages[1].tool_calls[0].id == "aBcDeFgHi"  # vLLM's rule: the last 9 characters
+    assert received.messages[2].tool_call_id == "aBcDeFgHi"
+    assert received.sampling.temperature == pytest.approx(0.15)

@@ -94,8 +94,10 @@ async def fetch_problem(f: ImageFetcher, url: str) -> str:
 async def test_an_allowed_url_is_fetched(image_server: int) -> None:
     f = fetcher()
     try:
-        assert await f.fetch(f"http://127.0.0.1:{image_server}/ok.png") == IMAGE
-        assert await f.fetch(f"http://127.0.0.1:{image_server}/same.png") == IMAGE
+        fetched = await f.fetch(f"http://127.0.0.1:{image_server}/ok.png")
+        assert (fetched.data, fetched.mime_type) == (IMAGE, "image/png")
+        assert (fetched.width, fetched.height) == (56, 28)
+        assert (await f.fetch(f"http://127.0.0.1:{image_server}/same.png")).data == IMAGE
     finally:
         await f.close()
 

@@ -25,6 +25,8 @@ from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.requests import chat
 
 MODEL = "mistral-small-under-test"
+# Where the weights are is not what the model is called: spans and metrics name the folder's model.
+MODEL_PATH = f"/models/{MODEL}/"
 STREAM = keys.request_stream("default")
 SERVER_SPAN = "mistral_serve.v1.ChatService/ChatStream"
 PRODUCER_SPAN = f"send {STREAM}"
@@ -53,7 +55,7 @@ def traced(redis_server: RedisServer) -> Iterator[TracedStack]:
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
             "OTEL_TRACES_SAMPLER": "parentbased_always_on",
             "OTEL_BSP_SCHEDULE_DELAY": "50",
-            "MISTRAL_SERVE_MODEL": MODEL,
+            "MISTRAL_SERVE_MODEL": MODEL_PATH,
         }
     )
     for name in (
@@ -122,8 +124,8 @@ def assert_one_chain(spans: dict[str, ReceivedSpan]) -> None:
 
 async def test_one_trace_links_frontend_producer_consumer_and_generation(traced: TracedStack) -> None:
     request = chat("tell me about queues", max_tokens=5)
-    request.sampling.temperature = 0.5
-    request.sampling.top_p = 0.875
+    request.sampling.temperature = 0.7  # a float32 in the proto: the span shows 0.7, not 0.699999988
+    request.sampling.top_p = 0.9
     request.sampling.seed = 7
     events = await run_chat(traced, request)
     request_id = events[0].started.request_id
@@ -142,8 +144,8 @@ async def test_one_trace_links_frontend_producer_consumer_and_generation(traced:
         "gen_ai.operation.name": "chat",
         "gen_ai.provider.name": "mistral_ai",
         "gen_ai.request.model": MODEL,
-        "gen_ai.request.temperature": 0.5,
-        "gen_ai.request.top_p": 0.875,
+        "gen_ai.request.temperature": 0.7,
+        "gen_ai.request.top_p": 0.9,
         "gen_ai.request.max_tokens": 5,
         "gen_ai.request.seed": 7,
         "gen_ai.response.id": request_id,

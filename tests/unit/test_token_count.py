@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+from mistral_serve.common.contract import new_tokens_allowed
 from mistral_serve.common.prompts import PromptBuilder
 from mistral_serve.frontend.errors import InvalidRequest
+from mistral_serve.frontend.request_form import FrontDoorRequest
 from mistral_serve.frontend.validation import Limits, check_budget
+from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2 as R
 from tests.engine.tiny_model import ensure_tiny_model
 from tests.integration.front_door_cases import data_url, image, png, req, text, user
-from tests.integration.test_front_door import tiny_token_counter
+from tests.integration.test_front_door import form_of, tiny_token_counter
 
+LIMITS = Limits(context_length=2048)
 REQUESTS = [
     req(user(text("hello world"))),
     req(
@@ -28,27 +32,45 @@ REQUESTS = [
 
 @pytest.mark.parametrize("request_", REQUESTS)
 def test_count_equals_the_built_prompt(request_: R.ChatRequest) -> None:
-    built = PromptBuilder.from_model(str(ensure_tiny_model())).build(request_)
-    counted = tiny_token_counter()(request_)
+    form = form_of(request_)
+    built = PromptBuilder.from_model(str(ensure_tiny_model())).build(form.request)
+    counted = tiny_token_counter()(form)
     assert (counted.prompt_tokens, counted.image_tokens) == (built.prompt_tokens, built.image_tokens)
 
 
 def test_a_1540_square_image_is_3080_tokens() -> None:
-    assert tiny_token_counter()(REQUESTS[2]).image_tokens == 55 * 55 + 55
+    assert tiny_token_counter()(form_of(REQUESTS[2])).image_tokens == 55 * 55 + 55
 
 
-def test_budget_names_the_numbers_and_the_largest_max_tokens_that_fits() -> None:
-    counted = R.CountTokensResponse(prompt_tokens=1000)
-    request = req(user(), sampling=R.SamplingParams(max_tokens=1100))
+def test_images_are_counted_from_the_size_the_front_door_read_never_from_their_bytes() -> None:
+    queued = queue_pb2.QueuedRequest(request=req(user(image(b"no image bytes at all"))))
+    counted = tiny_token_counter()(FrontDoorRequest(queued, image_sizes=[(1540, 1540)]))
+    assert counted.image_tokens == 55 * 55 + 55
+
+
+def test_max_tokens_over_the_room_left_is_clamped_not_refused() -> None:
+    counted = R.CountTokensResponse(prompt_tokens=10)
+    for max_tokens in (1100, 2038, 2048):
+        check_budget(counted, req(user(), sampling=R.SamplingParams(max_tokens=max_tokens)), LIMITS, path="")
+    assert new_tokens_allowed(10, 2048, 2048) == 2038
+    assert new_tokens_allowed(10, 100, 2048) == 100
+    assert new_tokens_allowed(10, None, 2048) == 2038
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "field", "counts"),
+    [
+        (2048, 10, "messages", ("2048 tokens", "no room")),  # the prompt leaves no room
+        (10, 2049, "sampling.max_tokens", ("2049", "2048")),  # max_tokens alone over the context
+    ],
+)
+def test_a_request_that_cannot_fit_is_refused_with_the_counts(
+    prompt: int, max_tokens: int, field: str, counts: tuple[str, str]
+) -> None:
+    counted = R.CountTokensResponse(prompt_tokens=prompt)
+    request = req(user(), sampling=R.SamplingParams(max_tokens=max_tokens))
     with pytest.raises(InvalidRequest) as refused:
-        check_budget(counted, request, Limits(context_length=2048), path="")
-    violation = refused.value.violations[0]
-    assert violation.field == "sampling.max_tokens"
-    assert (
-        "1000" in violation.description
-        and "2100" in violation.description
-        and "at most 1048" in violation.description
-    )
-    check_budget(
-        counted, req(user(), sampling=R.SamplingParams(max_tokens=1048)), Limits(context_length=2048), path=""
-    )
+        check_budget(counted, request, LIMITS, path="request.")
+    (violation,) = refused.value.violations
+    assert violation.field == f"request.{field}"
+    assert all(count in violation.description for count in counts), violation.description

@@ -8,9 +8,11 @@ import io
 import pytest
 from PIL import Image
 
+from mistral_serve.common.sampling import DEFAULT_TEMPERATURE
 from mistral_serve.frontend.errors import InvalidRequest
-from mistral_serve.frontend.validation import DEFAULT_TEMPERATURE, apply_defaults, validate_chat_request
+from mistral_serve.frontend.validation import validate_chat_request
 from mistral_serve.v1 import chat_pb2
+from tests.integration.test_front_door import form_of
 
 R = chat_pb2
 
@@ -156,7 +158,7 @@ def test_paths_carry_the_prefix_of_the_wrapping_message() -> None:
 
 
 def test_defaults_fill_temperature_only_when_unset() -> None:
-    assert apply_defaults(req(user())).sampling.temperature == pytest.approx(DEFAULT_TEMPERATURE)
+    assert form_of(req(user())).request.sampling.temperature == pytest.approx(DEFAULT_TEMPERATURE)
     explicit = req(user(), sampling=R.SamplingParams(temperature=0.0))
-    assert apply_defaults(explicit).sampling.temperature == 0.0
+    assert form_of(explicit).request.sampling.temperature == 0.0
     assert not explicit.sampling.HasField("max_tokens")

@@ -5,17 +5,19 @@ count the same tokens. vLLM's chat path with `tokenizer_mode=mistral` encodes a 
 same `mistral_common` call (`ChatCompletionRequest` → `MistralTokenizer.encode_chat_completion`), so the
 token ids built here are the ones vLLM would build. This module must not import vllm or torch: the
 frontend has neither.
+
+Images arrive as `ImageBytes` only (the front door turns data: and fetched URLs into bytes), and the
+builder's image loader makes them what `mistral_common` encodes: the worker decodes the pixels, the
+frontend's token counter only needs each image's size.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -46,6 +48,8 @@ from pydantic import ValidationError
 from mistral_serve.v1 import chat_pb2
 
 Tokenizer: TypeAlias = MistralTokenizer[Any, Any, Any, Any, Any]
+# Turns an image of the request, in prompt order, into the image mistral_common encodes.
+ImageLoader: TypeAlias = Callable[[chat_pb2.ImageBytes], Image.Image]
 
 TOKENIZER_FILE = "tekken.json"
 SYSTEM_PROMPT_FILE = "SYSTEM_PROMPT.txt"
@@ -121,18 +125,9 @@ def decode_image(data: bytes) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_data_url(url: str) -> Image.Image:
-    """Decode a `data:image/...;base64,...` URL. Other URLs are refused: the worker fetches nothing."""
-    if not url.startswith("data:"):
-        raise PromptError("image_url must be a data: URL (send other images as bytes)")
-    header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(";base64") or not header[5:].startswith("image/"):
-        raise PromptError("image_url must be a base64 data URL of an image (data:image/...;base64,...)")
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise PromptError(f"image_url has invalid base64: {exc}") from exc
-    return decode_image(data)
+def decode_image_bytes(image: chat_pb2.ImageBytes) -> Image.Image:
+    """The default image loader: the pixels, as the engine needs them."""
+    return decode_image(image.data)
 
 
 class PromptBuilder:
@@ -144,12 +139,12 @@ class PromptBuilder:
         *,
         model_name: str,
         system_prompt_template: str | None = None,
-        max_images: int = 10,
+        image_loader: ImageLoader = decode_image_bytes,
     ) -> None:
         self._tokenizer = tokenizer
         self._model_name = model_name
         self._system_prompt_template = system_prompt_template
-        self.max_images = max_images
+        self._image_loader = image_loader
         inner = tokenizer.instruct_tokenizer.tokenizer
         self.supports_images: bool = getattr(inner, "image", None) is not None
         self._image_token_ids: frozenset[int] = (
@@ -159,7 +154,7 @@ class PromptBuilder:
         )
 
     @classmethod
-    def from_model(cls, model: str, *, max_images: int = 10) -> PromptBuilder:
+    def from_model(cls, model: str) -> PromptBuilder:
         """Load the tokenizer and the default system prompt from a model folder or hub id."""
         tokenizer_path = resolve_model_file(model, TOKENIZER_FILE)
         if tokenizer_path is None:
@@ -170,7 +165,7 @@ class PromptBuilder:
         system_path = resolve_model_file(model, SYSTEM_PROMPT_FILE)
         template = system_path.read_text(encoding="utf-8") if system_path is not None else None
         model_name = os.path.basename(model.rstrip("/"))
-        return cls(tokenizer, model_name=model_name, system_prompt_template=template, max_images=max_images)
+        return cls(tokenizer, model_name=model_name, system_prompt_template=template)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -196,11 +191,19 @@ class PromptBuilder:
         return BuiltPrompt(token_ids=tokens, images=images, image_tokens=image_tokens)
 
     def to_mistral_request(
-        self, chat: chat_pb2.ChatRequest, *, today: dt.date | None = None
+        self,
+        chat: chat_pb2.ChatRequest,
+        *,
+        today: dt.date | None = None,
+        image_loader: ImageLoader | None = None,
     ) -> tuple[ChatCompletionRequest[Any], list[Image.Image]]:
-        """The `mistral_common` request for `chat`, with the images it carries, in order."""
+        """The `mistral_common` request for `chat`, with the images it carries, in order.
+
+        `image_loader` replaces the builder's own for this request (the counter's sizes of it).
+        """
         if not chat.messages:
             raise PromptError("messages must not be empty")
+        load = image_loader or self._image_loader
         images: list[Image.Image] = []
         messages: list[Any] = []
         has_system = any(m.role == chat_pb2.ROLE_SYSTEM for m in chat.messages)
@@ -208,9 +211,7 @@ class PromptBuilder:
         if default_system:
             messages.append(SystemMessage(content=default_system))
         for index, message in enumerate(chat.messages):
-            messages.append(self._message(index, message, images))
-        if len(images) > self.max_images:
-            raise PromptError(f"{len(images)} images in the prompt; at most {self.max_images} are allowed")
+            messages.append(self._message(index, message, images, load))
         if images and not self.supports_images:
             raise PromptError("this model does not accept images")
         tools = [_tool(t) for t in chat.tools] or None
@@ -224,13 +225,15 @@ class PromptBuilder:
             raise PromptError(f"invalid request: {exc}") from exc
         return request, images
 
-    def _message(self, index: int, message: chat_pb2.Message, images: list[Image.Image]) -> Any:
+    def _message(
+        self, index: int, message: chat_pb2.Message, images: list[Image.Image], load: ImageLoader
+    ) -> Any:
         where = f"messages[{index}]"
         try:
             if message.role == chat_pb2.ROLE_SYSTEM:
                 return SystemMessage(content=_text_only(message.content, where))
             if message.role == chat_pb2.ROLE_USER:
-                return UserMessage(content=self._user_content(message.content, images, where))
+                return UserMessage(content=_user_content(message.content, images, where, load))
             if message.role == chat_pb2.ROLE_ASSISTANT:
                 text = _text_only(message.content, where) if message.content else None
                 calls = [
@@ -248,35 +251,31 @@ class PromptBuilder:
             raise PromptError(f"{where}: {exc}") from exc
         raise PromptError(f"{where}: role must be set")
 
-    def _user_content(
-        self, parts: Sequence[chat_pb2.ContentPart], images: list[Image.Image], where: str
-    ) -> str | list[Any]:
-        # One text part stays a plain string, as an OpenAI-style string content does in vLLM's path:
-        # mistral_common encodes a list of chunks chunk by chunk, which can tokenize differently.
-        if len(parts) == 1 and parts[0].WhichOneof("kind") == "text":
-            return parts[0].text
-        chunks: list[Any] = []
-        for i, part in enumerate(parts):
-            kind = part.WhichOneof("kind")
-            if kind == "text":
-                chunks.append(TextChunk(text=part.text))
-            elif kind == "image":
-                if len(images) >= self.max_images:
-                    raise PromptError(f"more than {self.max_images} images in the prompt")
-                image = decode_image(part.image.data)
-                images.append(image)
-                chunks.append(ImageChunk(image=image))
-            elif kind == "image_url":
-                if len(images) >= self.max_images:
-                    raise PromptError(f"more than {self.max_images} images in the prompt")
-                image = decode_data_url(part.image_url)
-                images.append(image)
-                chunks.append(ImageChunk(image=image))
-            else:
-                raise PromptError(f"{where}.content[{i}] is empty")
-        if not chunks:
-            raise PromptError(f"{where}: a user message needs content")
-        return chunks
+
+def _user_content(
+    parts: Sequence[chat_pb2.ContentPart], images: list[Image.Image], where: str, load: ImageLoader
+) -> str | list[Any]:
+    # One text part stays a plain string, as an OpenAI-style string content does in vLLM's path:
+    # mistral_common encodes a list of chunks chunk by chunk, which can tokenize differently.
+    if len(parts) == 1 and parts[0].WhichOneof("kind") == "text":
+        return parts[0].text
+    chunks: list[Any] = []
+    for i, part in enumerate(parts):
+        kind = part.WhichOneof("kind")
+        if kind == "text":
+            chunks.append(TextChunk(text=part.text))
+        elif kind == "image":
+            image = load(part.image)
+            images.append(image)
+            chunks.append(ImageChunk(image=image))
+        elif kind == "image_url":
+            # The front door fetched or decoded it: a queued request carries images as bytes.
+            raise PromptError(f"{where}.content[{i}]: image URLs are resolved at the front door, not here")
+        else:
+            raise PromptError(f"{where}.content[{i}] is empty")
+    if not chunks:
+        raise PromptError(f"{where}: a user message needs content")
+    return chunks
 
 
 def _text_only(parts: Sequence[chat_pb2.ContentPart], where: str) -> str:

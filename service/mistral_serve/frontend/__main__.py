@@ -32,9 +32,7 @@ def token_counter(settings: FrontendSettings) -> TokenCounter | None:
         return None
     from .token_count import TokenCounter as Counter  # loads mistral_common's tokenizer: only when used
 
-    return Counter.from_tokenizer_file(
-        settings.tokenizer_path, model_name=settings.model_name, max_images=settings.max_images_per_prompt
-    )
+    return Counter.from_tokenizer_file(settings.tokenizer_path, model_name=settings.model_name)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from mistral_serve.common import keys
-from mistral_serve.queue.v1 import queue_pb2
+from mistral_serve.common import keys, retry
+from mistral_serve.common.event_log import parse_record, read_records
 from mistral_serve.v1 import chat_pb2
 
 from .errors import BackendUnavailable
@@ -79,14 +79,12 @@ class EventFanout:
     async def history(self, request_id: str) -> History:
         """Every event written for `request_id` so far, for a caller who reattaches."""
         try:
-            entries = await self._redis.xrange(keys.events_stream(request_id))
+            records = await read_records(self._redis, request_id)
         except RedisError as exc:
             raise BackendUnavailable(f"the event stream is unreachable: {exc}") from exc
-        events: list[chat_pb2.ChatEvent] = []
-        for _, fields in entries:
-            events.extend(queue_pb2.EventRecord.FromString(fields[keys.EVENT_FIELD.encode()]).events)
+        events = [event for _, record in records for event in record.events]
         sequences = [e.delta.sequence for e in events if e.WhichOneof("event") == "delta"]
-        return History(events, entries[-1][0] if entries else b"0-0", max(sequences, default=0))
+        return History(events, records[-1][0] if records else b"0-0", max(sequences, default=0))
 
     async def attach_now(self, request_id: str) -> None:
         """Mark `request_id` followed at once, and make the blocked read include it now."""
@@ -102,16 +100,12 @@ class EventFanout:
         await asyncio.gather(self._read_forever(), self._keep_attached())
 
     async def _read_forever(self) -> None:
-        await self._start_wake_stream()
-        backoff = 0.05
-        while True:
-            try:
-                await self._read_once()
-                backoff = 0.05
-            except RedisError as exc:
-                log.warning("event reader lost Redis (%s); retrying in %.2fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+        self._wake_last = await retry.until_done(
+            lambda: self._redis.xadd(self._wake_key, {b"w": b"0"}, maxlen=100),
+            log=log,
+            what="starting the event reader",
+        )
+        await retry.forever(self._read_once, log=log, what="reading events")
 
     async def _keep_attached(self) -> None:
         """Renew the attached key of every followed request, a third of the grace before it lapses."""
@@ -128,15 +122,6 @@ class EventFanout:
             except RedisError as exc:
                 log.warning("cannot renew attachments: %s", exc)
 
-    async def _start_wake_stream(self) -> None:
-        while True:
-            try:
-                self._wake_last = await self._redis.xadd(self._wake_key, {b"w": b"0"}, maxlen=100)
-                return
-            except RedisError as exc:
-                log.warning("cannot reach Redis to start the event reader: %s", exc)
-                await asyncio.sleep(0.5)
-
     async def _read_once(self) -> None:
         streams: dict[bytes, bytes] = {self._wake_key: self._wake_last}
         for key, followers in self._subs.items():
@@ -147,7 +132,7 @@ class EventFanout:
                 self._wake_last = entries[-1][0]
                 continue
             for entry_id, fields in entries:
-                record = queue_pb2.EventRecord.FromString(fields[keys.EVENT_FIELD.encode()])
+                record = parse_record(fields)
                 order = entry_order(entry_id)
                 # Closed while the read was in flight: no followers, nothing delivered.
                 for sub in self._subs.get(key, []):

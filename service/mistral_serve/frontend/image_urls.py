@@ -27,8 +27,17 @@ from aiohttp.resolver import DefaultResolver
 from mistral_serve.v1 import chat_pb2
 
 from .errors import FieldViolation, InvalidRequest
-from .images import ImageLimits, ImageProblem, ImageTooLarge, check_dimensions, check_image, read_header
-from .validation import url_problem
+from .images import (
+    CheckedImage,
+    ImageLimits,
+    ImageProblem,
+    ImageTooLarge,
+    check_dimensions,
+    check_image,
+    read_header,
+    sniff_format,
+)
+from .validation import PartIndex, url_problem
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _CHUNK = 64 * 1024
@@ -111,8 +120,8 @@ class ImageFetcher:
             )
         return self._session
 
-    async def fetch(self, url: str) -> bytes:
-        """The image's bytes; raises ImageProblem (field "") saying why it cannot be used."""
+    async def fetch(self, url: str) -> CheckedImage:
+        """The image, checked; raises ImageProblem (field "") saying why it cannot be used."""
         try:
             async with asyncio.timeout(self._policy.timeout_s):
                 return await self._follow(url)
@@ -121,7 +130,7 @@ class ImageFetcher:
                 "", f"fetching the image took longer than {self._policy.timeout_s:g}s"
             ) from None
 
-    async def _follow(self, url: str) -> bytes:
+    async def _follow(self, url: str) -> CheckedImage:
         p = self._policy
         host = (urlsplit(url).hostname or "").lower()
         for _ in range(p.max_redirects + 1):
@@ -144,33 +153,38 @@ class ImageFetcher:
                 raise ImageProblem("", _client_error(exc)) from exc
         raise ImageProblem("", f"the image URL redirects more than {p.max_redirects} times")
 
-    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
+    async def _read_body(self, response: aiohttp.ClientResponse) -> CheckedImage:
         limits = self._policy.limits
         if response.content_length is not None and response.content_length > limits.max_bytes:
             raise ImageProblem(
                 "", f"the image is {response.content_length} bytes; at most {limits.max_bytes} are accepted"
             )
         body = bytearray()
-        header_checked = False
+        size: tuple[int, int] | None = None
         async for chunk in response.content.iter_chunked(_CHUNK):
             body += chunk
             if len(body) > limits.max_bytes:
                 raise ImageProblem("", f"the image is over {limits.max_bytes} bytes")
-            if not header_checked and len(body) <= _HEADER_PROBE_LIMIT:
-                header_checked = _dimensions_pass(bytes(body), limits)
-        return bytes(body)
+            if size is None and len(body) <= _HEADER_PROBE_LIMIT:
+                size = _size_once_arrived(bytes(body), limits)
+        data = bytes(body)
+        if size is None:
+            return check_image(data, None, limits)
+        mime_type = sniff_format(data)
+        assert mime_type is not None  # the header was read, so the format is one of FORMATS
+        return CheckedImage(data, mime_type, *size)
 
 
-def _dimensions_pass(prefix: bytes, limits: ImageLimits) -> bool:
-    """Check the dimensions once the header has arrived: True when checked, False when not there yet."""
+def _size_once_arrived(prefix: bytes, limits: ImageLimits) -> tuple[int, int] | None:
+    """The image's checked size once its header has arrived; None while it has not."""
     try:
         width, height = read_header(prefix)
     except ImageTooLarge:
         raise
     except ImageProblem:
-        return False
+        return None
     check_dimensions(width, height, limits)
-    return True
+    return width, height
 
 
 def _check_literal_address(host: str, *, allow_private: bool) -> None:
@@ -193,9 +207,9 @@ def _client_error(exc: aiohttp.ClientError) -> str:
 
 
 async def resolve_image_urls(
-    request: chat_pb2.ChatRequest, fetcher: ImageFetcher, *, path: str, max_total_bytes: int
-) -> chat_pb2.ChatRequest:
-    """A copy of `request` whose http(s) image URLs are replaced by the fetched images' bytes.
+    request: chat_pb2.ChatRequest, fetcher: ImageFetcher, *, path: str
+) -> dict[PartIndex, CheckedImage]:
+    """The images behind `request`'s http(s) image URLs, fetched and checked, by where they sit.
 
     Raises InvalidRequest naming every URL that cannot be used. `request` must have passed
     validation (URLs allowed, at most the image limit).
@@ -207,36 +221,19 @@ async def resolve_image_urls(
         if part.WhichOneof("kind") == "image_url" and not part.image_url.startswith("data:")
     ]
     if not targets:
-        return request
+        return {}
     results = await asyncio.gather(*(fetcher.fetch(url) for _, _, url in targets), return_exceptions=True)
-    resolved = chat_pb2.ChatRequest()
-    resolved.CopyFrom(request)
+    fetched: dict[PartIndex, CheckedImage] = {}
     violations: list[FieldViolation] = []
     for (i, j, _), result in zip(targets, results, strict=True):
-        where = f"{path}messages[{i}].content[{j}].image_url"
         if isinstance(result, ImageProblem):
-            violations.append(FieldViolation(where, result.description))
-            continue
-        if isinstance(result, BaseException):
+            violations.append(
+                FieldViolation(f"{path}messages[{i}].content[{j}].image_url", result.description)
+            )
+        elif isinstance(result, BaseException):
             raise result
-        try:
-            info = check_image(result, None, fetcher.limits)
-        except ImageProblem as problem:
-            violations.append(FieldViolation(where, problem.description))
-            continue
-        resolved.messages[i].content[j].image.CopyFrom(
-            chat_pb2.ImageBytes(data=result, mime_type=info.mime_type)
-        )
+        else:
+            fetched[(i, j)] = result
     if violations:
         raise InvalidRequest(violations)
-    total = sum(
-        len(part.image.data)
-        for m in resolved.messages
-        for part in m.content
-        if part.WhichOneof("kind") == "image"
-    )
-    if total > max_total_bytes:
-        raise InvalidRequest(
-            [FieldViolation(f"{path}messages", f"the images total {total} bytes; at most {max_total_bytes}")]
-        )
-    return resolved
+    return fetched

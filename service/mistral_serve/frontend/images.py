@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from mistral_serve.v1 import chat_pb2
+
 # MIME type → Pillow format name, for the formats the model's image pipeline reads.
 FORMATS: dict[str, str] = {
     "image/png": "PNG",
@@ -38,10 +40,16 @@ class ImageLimits:
 
 
 @dataclass(frozen=True, slots=True)
-class ImageInfo:
+class CheckedImage:
+    """An image that passed the checks: its bytes (a data: URL's decoded), type and header's size."""
+
+    data: bytes
     mime_type: str
     width: int
     height: int
+
+    def as_proto(self) -> chat_pb2.ImageBytes:
+        return chat_pb2.ImageBytes(data=self.data, mime_type=self.mime_type)
 
 
 class ImageProblem(ValueError):
@@ -91,7 +99,7 @@ def read_header(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-def check_image(data: bytes, mime_type: str | None, limits: ImageLimits) -> ImageInfo:
+def check_image(data: bytes, mime_type: str | None, limits: ImageLimits) -> CheckedImage:
     """Size, format (declared vs actual) and pixel dimensions of an encoded image, header only.
 
     `mime_type` None means the caller did not declare one (a downloaded image): the sniffed format
@@ -109,7 +117,7 @@ def check_image(data: bytes, mime_type: str | None, limits: ImageLimits) -> Imag
             raise ImageProblem("mime_type", f"mime_type says {mime_type} but the bytes are {actual}")
     width, height = read_header(data)
     check_dimensions(width, height, limits)
-    return ImageInfo(mime_type or actual or "", width, height)
+    return CheckedImage(data, mime_type or actual or "", width, height)
 
 
 def check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
@@ -127,7 +135,8 @@ def check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
 
 
 def parse_data_url(url: str, limits: ImageLimits) -> tuple[str, bytes]:
-    """(mime type, bytes) of a strict `data:image/<type>;base64,<payload>` URL.
+    """(mime type, bytes) of a strict `data:image/<type>;base64,<payload>` URL: the service's one
+    base64 decoder of images; after the front door a data URL is the ImageBytes it holds.
 
     The payload's size is checked from its length before it is decoded.
     """

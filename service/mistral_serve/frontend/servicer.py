@@ -13,7 +13,7 @@ from typing import Any, TypeAlias
 import grpc
 from google.rpc import code_pb2
 
-from mistral_serve.queue.v1 import queue_pb2
+from mistral_serve.common.contract import error_event
 from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
 
 from .auth import current_caller
@@ -31,14 +31,15 @@ from .fanout import EventFanout, Subscription
 from .idempotency import Idempotency, fingerprint
 from .image_urls import ImageFetcher, resolve_image_urls
 from .queue import RequestQueue
+from .request_form import FrontDoorRequest, build_request_form
 from .settings import FrontendSettings
-from .validation import Limits, apply_defaults, check_budget, validate_chat_request
+from .validation import Limits, check_budget, validate_chat_request
 
 log = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 # Counts a request's prompt tokens (text and images) the way the worker's prompt builder does.
-TokenCounter: TypeAlias = Callable[[chat_pb2.ChatRequest], chat_pb2.CountTokensResponse]
+TokenCounter: TypeAlias = Callable[[FrontDoorRequest], chat_pb2.CountTokensResponse]
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -104,11 +105,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def CountTokens(
         self, request: chat_pb2.CountTokensRequest, context: Context
     ) -> chat_pb2.CountTokensResponse:
-        validate_chat_request(request.request, path="request.", limits=self._limits)
         if self._token_counter is None:
+            validate_chat_request(request.request, path="request.", limits=self._limits)
             raise NotConfigured("CountTokens needs MISTRAL_SERVE_TOKENIZER (the model's tekken.json)")
-        resolved = await self._resolve_urls(request.request, path="request.")
-        return await asyncio.to_thread(self._token_counter, resolved)
+        form = await self._request_form(request.request, path="request.")
+        return await asyncio.to_thread(self._token_counter, form)
 
     @unary_errors
     async def GetModelInfo(
@@ -116,33 +117,34 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> chat_pb2.GetModelInfoResponse:
         s = self._settings
         return chat_pb2.GetModelInfoResponse(
-            model=s.model_name,
+            model=s.served_model_name,
             context_length=s.context_length,
             max_images_per_prompt=s.max_images_per_prompt,
             supports_tools=True,
             supports_images=s.max_images_per_prompt > 0,
         )
 
-    async def _front_door(self, request: chat_pb2.ChatRequest, *, path: str) -> chat_pb2.ChatRequest:
+    async def _front_door(self, request: chat_pb2.ChatRequest, *, path: str) -> FrontDoorRequest:
         """Every check before a request may cost queue space: the request as it will be queued."""
-        validate_chat_request(request, path=path, limits=self._limits)
-        resolved = await self._resolve_urls(request, path=path)
+        form = await self._request_form(request, path=path)
         if self._token_counter is not None:
-            counted = await asyncio.to_thread(self._token_counter, resolved)
-            check_budget(counted, resolved, self._limits, path=path)
-        return apply_defaults(resolved)
+            counted = await asyncio.to_thread(self._token_counter, form)
+            check_budget(counted, form.request, self._limits, path=path)
+        return form
 
-    async def _resolve_urls(self, request: chat_pb2.ChatRequest, *, path: str) -> chat_pb2.ChatRequest:
-        if self._fetcher is None:
-            return request
-        return await resolve_image_urls(
-            request, self._fetcher, path=path, max_total_bytes=self._settings.max_receive_message_bytes
+    async def _request_form(self, request: chat_pb2.ChatRequest, *, path: str) -> FrontDoorRequest:
+        """Validate `request`, fetch its image URLs, and build the one form the rest works on."""
+        images = validate_chat_request(request, path=path, limits=self._limits)
+        if self._fetcher is not None:
+            images |= await resolve_image_urls(request, self._fetcher, path=path)
+        return build_request_form(
+            request, images, path=path, max_total_image_bytes=self._settings.max_receive_message_bytes
         )
 
     async def _run(
-        self, original: chat_pb2.ChatRequest, request: chat_pb2.ChatRequest, context: Context, *, path: str
+        self, original: chat_pb2.ChatRequest, form: FrontDoorRequest, context: Context, *, path: str
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        """Queue `request` and yield its events: started, deltas in order, one terminal event.
+        """Queue `form` and yield its events: started, deltas in order, one terminal event.
 
         `original` is what the caller sent: a repeat of its client_request_id replays this run.
         """
@@ -158,13 +160,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 async for event in self._attach(first_id, deadline, last_sequence=0):
                     yield event
                 return
-        queued = queue_pb2.QueuedRequest(
-            request_id=request_id,
-            request=request,
-            deadline_unix=deadline,
-            admitted_unix=now,
-            attempt=1,
-        )
+        queued = form.queued
+        queued.request_id = request_id
+        queued.deadline_unix = deadline
+        queued.admitted_unix = now
+        queued.attempt = 1
         sub = self._fanout.open(request_id)
         try:
             try:
@@ -239,7 +239,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             except TimeoutError:
                 if owns_deadline:
                     self._cancel_later(sub.request_id)
-                yield _error(code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed", retryable=True)
+                yield error_event(code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed", retryable=True)
                 return
             for event in batch:
                 kind = event.WhichOneof("event")
@@ -262,7 +262,3 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await self._queue.cancel(request_id)
         except Exception:
             log.warning("could not mark request %s cancelled", request_id, exc_info=True)
-
-
-def _error(code: int, message: str, *, retryable: bool) -> chat_pb2.ChatEvent:
-    return chat_pb2.ChatEvent(error=chat_pb2.Error(code=code, message=message, retryable=retryable))

@@ -12,19 +12,15 @@ from mistral_serve.common.env import (
     env_float,
     env_int,
     env_opt_str,
-    env_port_or_off,
     env_str,
 )
+from mistral_serve.common.settings import SharedSettings
 
 
 @dataclass(frozen=True)
-class FrontendSettings:
-    # redis://host:port/db, or rediss:// for TLS.
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # Overrides a password in the URL; mounted from a Secret in Kubernetes.
-    redis_password: str | None = None
-    # Model pool whose request stream this frontend feeds.
-    pool: str = "default"
+class FrontendSettings(SharedSettings):
+    """The frontend's settings; those it shares with the worker are `SharedSettings`' fields."""
+
     grpc_host: str = "[::]"
     # 0 picks a free port (tests).
     grpc_port: int = 50051
@@ -34,19 +30,11 @@ class FrontendSettings:
     retry_after_s: float = 1.0
     # Deadline applied when the caller sets none.
     default_deadline_s: float = 600.0
-    # How long a request's events stay in Redis after its last write.
-    event_ttl_s: int = 600
-    # Time open streams get to finish after SIGTERM.
-    drain_grace_s: float = 30.0
     # A request nobody follows runs on this long for its caller to reattach, then is cancelled.
     detach_grace_s: float = 30.0
     # Largest request message gRPC accepts, and the most image bytes one queued request may carry
     # (it is stored in Redis). Larger messages are refused by gRPC itself (RESOURCE_EXHAUSTED).
     max_receive_message_bytes: int = 64 * 1024 * 1024
-    # Served model's name, context and image limit, as GetModelInfo answers them.
-    model_name: str = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
-    context_length: int = 131072
-    max_images_per_prompt: int = 10
     # tekken.json of the served model, for CountTokens; None answers FAILED_PRECONDITION.
     tokenizer_path: str | None = None
     # Largest encoded image accepted (bytes, data: URL payload after base64, or a fetched URL's body).
@@ -88,11 +76,6 @@ class FrontendSettings:
     idempotency_window_s: int = 600
     # How often readiness checks Redis.
     health_interval_s: float = 1.0
-    # text or json.
-    log_format: str = "text"
-    # Prometheus /metrics port (0 picks a free one; None, "off" in the environment, serves none).
-    metrics_port: int | None = 9090
-    metrics_host: str = "0.0.0.0"
     # How often the queue's depth, lag and oldest wait are sampled into the metrics.
     metrics_sample_interval_s: float = 5.0
     # Names this process's wake stream; unique per process.
@@ -116,23 +99,16 @@ class FrontendSettings:
     @classmethod
     def from_env(cls) -> FrontendSettings:
         return cls(
-            redis_url=env_str("REDIS_URL", cls.redis_url),
-            redis_password=env_opt_str("REDIS_PASSWORD"),
-            pool=env_str("POOL", cls.pool),
+            **cls.shared_from_env(),
             grpc_host=env_str("GRPC_HOST", cls.grpc_host),
             grpc_port=env_int("GRPC_PORT", cls.grpc_port, minimum=0),
             max_backlog=env_int("MAX_BACKLOG", cls.max_backlog, minimum=1),
             retry_after_s=env_float("RETRY_AFTER_S", cls.retry_after_s, minimum=0.0),
             default_deadline_s=env_float("DEFAULT_DEADLINE_S", cls.default_deadline_s, minimum=0.001),
-            event_ttl_s=env_int("EVENT_TTL_S", cls.event_ttl_s, minimum=1),
-            drain_grace_s=env_float("DRAIN_GRACE_S", cls.drain_grace_s, minimum=0.0),
             detach_grace_s=env_float("DETACH_GRACE_S", cls.detach_grace_s, minimum=0.05),
             max_receive_message_bytes=env_int(
                 "MAX_RECEIVE_MESSAGE_BYTES", cls.max_receive_message_bytes, minimum=1024
             ),
-            model_name=env_str("MODEL", cls.model_name),
-            context_length=env_int("MAX_MODEL_LEN", cls.context_length, minimum=1),
-            max_images_per_prompt=env_int("MAX_IMAGES_PER_PROMPT", cls.max_images_per_prompt, minimum=0),
             tokenizer_path=env_opt_str("TOKENIZER"),
             max_image_bytes=env_int("MAX_IMAGE_BYTES", cls.max_image_bytes, minimum=1),
             max_image_side_px=env_int("MAX_IMAGE_SIDE_PX", cls.max_image_side_px, minimum=1),
@@ -161,9 +137,6 @@ class FrontendSettings:
             health_port=_env_opt_port("HEALTH_PORT"),
             idempotency_window_s=env_int("IDEMPOTENCY_WINDOW_S", cls.idempotency_window_s, minimum=1),
             health_interval_s=env_float("HEALTH_INTERVAL_S", cls.health_interval_s, minimum=0.05),
-            log_format=env_str("LOG_FORMAT", cls.log_format),
-            metrics_port=env_port_or_off("METRICS_PORT", cls.metrics_port),
-            metrics_host=env_str("METRICS_HOST", cls.metrics_host),
             metrics_sample_interval_s=env_float(
                 "METRICS_SAMPLE_INTERVAL_S", cls.metrics_sample_interval_s, minimum=0.05
             ),

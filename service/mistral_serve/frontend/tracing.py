@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.rpc import code_pb2
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from mistral_serve.common.contract import code_name
 from mistral_serve.common.tracecontext import extract_from_metadata
 from mistral_serve.v1 import chat_pb2
 
@@ -124,7 +124,7 @@ class _Call:
                         last = response
                         yield response
                 if isinstance(last, chat_pb2.ChatEvent) and last.WhichOneof("event") == "error":
-                    error = _code_name(last.error.code)
+                    error = code_name(last.error.code)
                     span.set_status(Status(StatusCode.ERROR, last.error.message))
             except BaseException as exc:
                 error = _exception_error(exc, span)
@@ -189,13 +189,6 @@ def _exception_error(exc: BaseException, span: Span) -> str | None:
         return "CANCELLED"
     span.record_exception(exc)
     return "UNKNOWN"
-
-
-def _code_name(code: int) -> str:
-    try:
-        return str(code_pb2.Code.Name(code))
-    except ValueError:
-        return str(code)
 
 
 def _peer(peer: str) -> tuple[str | None, int | None]:

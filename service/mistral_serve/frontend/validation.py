@@ -1,11 +1,13 @@
-"""Every check of a ChatRequest that needs no I/O, and the defaults applied before it is queued.
+"""Every check of a ChatRequest that needs no I/O; the images it checks are handed to the request form.
 
 Every check names the offending field by its path, so a caller can fix it without guessing. The
 conversation rules are the model's, as `mistral_common`'s v11 request validator applies them (role
 order, tool call ids, tool results matching calls, function names, draft-7 tool schemas, prefix
 only last); they are checked here one field at a time because that validator stops at the first
 problem and names no field. The token counter runs `mistral_common`'s own validator as well, as a
-backstop, when a tokenizer is configured.
+backstop, when a tokenizer is configured. The rules both processes rely on (call ids, function names,
+the context budget) live in `mistral_serve.common.contract`, the sampling bounds in its table
+(`mistral_serve.common.sampling`).
 """
 
 from __future__ import annotations
@@ -18,20 +20,30 @@ from urllib.parse import urlsplit
 
 from mistral_common.utils.json_utils import validate_json_schema_by_draft7
 
+from mistral_serve.common import sampling
+from mistral_serve.common.contract import (
+    DEFAULT_CONTEXT_LENGTH,
+    DEFAULT_MAX_IMAGES_PER_PROMPT,
+    FUNCTION_NAME,
+    FUNCTION_NAME_RULE,
+    TOOL_CALL_ID,
+    BudgetProblem,
+    max_tokens_problem,
+    model_tool_call_id,
+    new_tokens_allowed,
+)
 from mistral_serve.v1 import chat_pb2
 
 from .errors import FieldViolation, InvalidRequest
-from .images import ImageLimits, ImageProblem, check_image, parse_data_url
+from .images import CheckedImage, ImageLimits, ImageProblem, check_image, parse_data_url
 from .settings import FrontendSettings
-
-DEFAULT_TEMPERATURE = 0.15  # The model card's recommendation.
 
 Role = chat_pb2.Role
 Mode = chat_pb2.ToolChoice.Mode
+# Where an image sits in a request: (message index, content part index).
+PartIndex = tuple[int, int]
 
-# mistral_common's rules (protocol/instruct/validator.py): call ids and function names.
-TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
-FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+TOOL_CALL_ID_RULE = "a tool call id is 9 characters of [a-zA-Z0-9] (of a longer id, its last 9)"
 CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 MAX_URL_CHARS = 2048
 
@@ -54,8 +66,8 @@ _MAY_FOLLOW = {
 class Limits:
     """The front door's bounds; `from_settings` takes them from the frontend's settings."""
 
-    context_length: int = 131072
-    max_images: int = 10
+    context_length: int = DEFAULT_CONTEXT_LENGTH
+    max_images: int = DEFAULT_MAX_IMAGES_PER_PROMPT
     image: ImageLimits = field(default_factory=ImageLimits)
     image_urls_enabled: bool = False
     image_url_allowed_hosts: tuple[str, ...] = ()
@@ -84,24 +96,21 @@ DEFAULT_LIMITS = Limits()
 
 def validate_chat_request(
     request: chat_pb2.ChatRequest, *, path: str = "", limits: Limits = DEFAULT_LIMITS
-) -> None:
-    """Raise InvalidRequest listing every problem of `request` that needs no I/O to find."""
+) -> dict[PartIndex, CheckedImage]:
+    """Raise InvalidRequest listing every problem of `request` that needs no I/O to find.
+
+    Returns the images it checked (inline bytes, and data: URLs decoded), by where they sit: the
+    request form takes them from here, so no image is decoded or its header read twice.
+    """
     violations: list[FieldViolation] = []
-    violations += _check_messages(request, path, limits)
+    images: dict[PartIndex, CheckedImage] = {}
+    violations += _check_messages(request, path, limits, images)
     violations += _check_tools(request, path)
     violations += _check_sampling(request, path, limits)
     violations += _check_client_request_id(request, path, limits)
     if violations:
         raise InvalidRequest(violations)
-
-
-def apply_defaults(request: chat_pb2.ChatRequest) -> chat_pb2.ChatRequest:
-    """A copy of `request` with the service's defaults filled in."""
-    filled = chat_pb2.ChatRequest()
-    filled.CopyFrom(request)
-    if not filled.sampling.HasField("temperature"):
-        filled.sampling.temperature = DEFAULT_TEMPERATURE
-    return filled
+    return images
 
 
 def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
@@ -116,7 +125,9 @@ def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     return False
 
 
-def _check_messages(request: chat_pb2.ChatRequest, path: str, limits: Limits) -> list[FieldViolation]:
+def _check_messages(
+    request: chat_pb2.ChatRequest, path: str, limits: Limits, checked: dict[PartIndex, CheckedImage]
+) -> list[FieldViolation]:
     out: list[FieldViolation] = []
     messages = request.messages
     if not messages:
@@ -136,7 +147,10 @@ def _check_messages(request: chat_pb2.ChatRequest, path: str, limits: Limits) ->
                         )
                     )
                 else:
-                    out += _check_image_part(part, f"{where}.content[{j}]", limits)
+                    problems, image = _check_image_part(part, f"{where}.content[{j}]", limits)
+                    out += problems
+                    if image is not None:
+                        checked[(i, j)] = image
     last = messages[-1]
     last_role = f"{path}messages[{len(messages) - 1}].role"
     if last.role == Role.ROLE_ASSISTANT and not last.prefix:
@@ -164,7 +178,7 @@ def _check_message(message: chat_pb2.Message, where: str, *, is_last: bool) -> l
             out.append(FieldViolation(f"{where}.content", "an assistant message needs content or tool_calls"))
         for k, call in enumerate(message.tool_calls):
             out += _check_call(call, f"{where}.tool_calls[{k}]")
-        ids = [c.id for c in message.tool_calls]
+        ids = [model_tool_call_id(c.id) for c in message.tool_calls]
         for k, call_id in enumerate(ids):
             if call_id and call_id in ids[:k]:
                 out.append(
@@ -179,10 +193,8 @@ def _check_message(message: chat_pb2.Message, where: str, *, is_last: bool) -> l
             out.append(
                 FieldViolation(f"{where}.tool_call_id", "a TOOL message must name the call it answers")
             )
-        elif not TOOL_CALL_ID.fullmatch(message.tool_call_id):
-            out.append(
-                FieldViolation(f"{where}.tool_call_id", "a tool call id is 9 characters of [a-zA-Z0-9]")
-            )
+        elif not TOOL_CALL_ID.fullmatch(model_tool_call_id(message.tool_call_id)):
+            out.append(FieldViolation(f"{where}.tool_call_id", TOOL_CALL_ID_RULE))
     if message.role != Role.ROLE_TOOL and message.tool_call_id:
         out.append(FieldViolation(f"{where}.tool_call_id", "only TOOL messages carry tool_call_id"))
     if message.prefix:
@@ -199,12 +211,12 @@ def _check_call(call: chat_pb2.FunctionCall, where: str) -> list[FieldViolation]
     out: list[FieldViolation] = []
     if not call.id:
         out.append(FieldViolation(f"{where}.id", "a tool call needs an id"))
-    elif not TOOL_CALL_ID.fullmatch(call.id):
-        out.append(FieldViolation(f"{where}.id", "a tool call id is 9 characters of [a-zA-Z0-9]"))
+    elif not TOOL_CALL_ID.fullmatch(model_tool_call_id(call.id)):
+        out.append(FieldViolation(f"{where}.id", TOOL_CALL_ID_RULE))
     if not call.name:
         out.append(FieldViolation(f"{where}.name", "a tool call needs a name"))
     elif not FUNCTION_NAME.fullmatch(call.name):
-        out.append(FieldViolation(f"{where}.name", "a function name is 1-64 characters of [a-zA-Z0-9_-]"))
+        out.append(FieldViolation(f"{where}.name", FUNCTION_NAME_RULE))
     if call.arguments_json:
         problem = _json_object_problem(call.arguments_json)
         if problem:
@@ -225,9 +237,13 @@ def _check_part(part: chat_pb2.ContentPart, where: str, role: int) -> list[Field
     return []
 
 
-def _check_image_part(part: chat_pb2.ContentPart, where: str, limits: Limits) -> list[FieldViolation]:
+_Checked = tuple[list[FieldViolation], CheckedImage | None]
+
+
+def _check_image_part(part: chat_pb2.ContentPart, where: str, limits: Limits) -> _Checked:
+    """The part's problems, and the image itself when it is inline bytes or a data: URL that passed."""
     if limits.max_images == 0:
-        return [FieldViolation(where, "this service does not accept images")]
+        return [FieldViolation(where, "this service does not accept images")], None
     if part.WhichOneof("kind") == "image":
         out = []
         if not part.image.data:
@@ -235,33 +251,31 @@ def _check_image_part(part: chat_pb2.ContentPart, where: str, limits: Limits) ->
         if not part.image.mime_type:
             out.append(FieldViolation(f"{where}.image.mime_type", "the image's MIME type is required"))
         if out:
-            return out
+            return out, None
         try:
-            check_image(part.image.data, part.image.mime_type, limits.image)
+            return [], check_image(part.image.data, part.image.mime_type, limits.image)
         except ImageProblem as problem:
-            return [FieldViolation(f"{where}.image.{problem.field}", problem.description)]
-        return []
+            return [FieldViolation(f"{where}.image.{problem.field}", problem.description)], None
     return _check_image_url(part.image_url, f"{where}.image_url", limits)
 
 
-def _check_image_url(url: str, where: str, limits: Limits) -> list[FieldViolation]:
+def _check_image_url(url: str, where: str, limits: Limits) -> _Checked:
     if not url:
-        return [FieldViolation(where, "image_url is empty")]
+        return [FieldViolation(where, "image_url is empty")], None
     if url.startswith("data:"):
         try:
             mime_type, data = parse_data_url(url, limits.image)
-            check_image(data, mime_type, limits.image)
+            return [], check_image(data, mime_type, limits.image)
         except ImageProblem as bad:
-            return [FieldViolation(where, bad.description)]
-        return []
+            return [FieldViolation(where, bad.description)], None
     if not limits.image_urls_enabled:
         return [
             FieldViolation(
                 where, "image URLs are off on this service; send the image as bytes or as a data: URL"
             )
-        ]
+        ], None
     problem = url_problem(url, limits.image_url_allowed_hosts, allow_http=limits.image_url_allow_http)
-    return [FieldViolation(where, problem)] if problem else []
+    return ([FieldViolation(where, problem)] if problem else []), None
 
 
 def url_problem(url: str, allowed_hosts: tuple[str, ...], *, allow_http: bool) -> str | None:
@@ -317,7 +331,7 @@ def _check_tool_results(messages: Sequence[chat_pb2.Message], path: str) -> list
     for i, message in enumerate(messages):
         where = f"{path}messages[{i}]"
         if message.role == Role.ROLE_TOOL and message.tool_call_id:
-            call_id = message.tool_call_id
+            call_id = model_tool_call_id(message.tool_call_id)
             if call_id in answered:
                 out.append(FieldViolation(f"{where}.tool_call_id", f"call {call_id!r} already has a result"))
             elif call_id not in pending:
@@ -331,7 +345,11 @@ def _check_tool_results(messages: Sequence[chat_pb2.Message], path: str) -> list
                 answered.add(call_id)
         elif message.role == Role.ROLE_ASSISTANT:
             out += _unanswered(pending, answered)
-            pending = {c.id: f"{where}.tool_calls[{k}]" for k, c in enumerate(message.tool_calls) if c.id}
+            pending = {
+                model_tool_call_id(c.id): f"{where}.tool_calls[{k}]"
+                for k, c in enumerate(message.tool_calls)
+                if c.id
+            }
             answered = set()
     if messages[-1].role == Role.ROLE_ASSISTANT:
         return out  # its calls are the ones being made; the last-message rule speaks for it
@@ -354,7 +372,7 @@ def _check_tools(request: chat_pb2.ChatRequest, path: str) -> list[FieldViolatio
         if not tool.name:
             out.append(FieldViolation(f"{where}.name", "a tool needs a name"))
         elif not FUNCTION_NAME.fullmatch(tool.name):
-            out.append(FieldViolation(f"{where}.name", "a function name is 1-64 characters of [a-zA-Z0-9_-]"))
+            out.append(FieldViolation(f"{where}.name", FUNCTION_NAME_RULE))
         elif tool.name in names:
             out.append(FieldViolation(f"{where}.name", f"tool name {tool.name!r} is used twice"))
         names.add(tool.name)
@@ -404,27 +422,18 @@ def _json_object_problem(text: str) -> str | None:
 
 
 def _check_sampling(request: chat_pb2.ChatRequest, path: str, limits: Limits) -> list[FieldViolation]:
-    """Sampling fields whose values no engine accepts."""
+    """Sampling fields whose values no engine accepts: the table's bounds, then max_tokens and stop."""
     out: list[FieldViolation] = []
     s = request.sampling
     where = f"{path}sampling"
-    if s.HasField("max_tokens") and s.max_tokens < 1:
-        out.append(FieldViolation(f"{where}.max_tokens", "max_tokens must be at least 1"))
-    elif s.HasField("max_tokens") and s.max_tokens >= limits.context_length:
-        out.append(
-            FieldViolation(
-                f"{where}.max_tokens",
-                f"max_tokens is {s.max_tokens}; the context holds {limits.context_length} tokens, "
-                "prompt included",
-            )
-        )
-    if s.HasField("temperature") and not 0.0 <= s.temperature <= 2.0:
-        out.append(FieldViolation(f"{where}.temperature", "temperature must be within [0, 2]"))
-    if s.HasField("top_p") and not 0.0 < s.top_p <= 1.0:
-        out.append(FieldViolation(f"{where}.top_p", "top_p must be within (0, 1]"))
-    for name in ("presence_penalty", "frequency_penalty"):
-        if s.HasField(name) and not -2.0 <= getattr(s, name) <= 2.0:
-            out.append(FieldViolation(f"{where}.{name}", f"{name} must be within [-2, 2]"))
+    for parameter, value in sampling.raw_values(s):
+        problem = parameter.problem(value)
+        if problem:
+            out.append(FieldViolation(f"{where}.{parameter.field}", problem))
+    if s.HasField("max_tokens"):
+        problem = max_tokens_problem(s.max_tokens, limits.context_length)
+        if problem:
+            out.append(FieldViolation(f"{where}.max_tokens", problem))
     if len(s.stop) > limits.max_stop_sequences:
         out.append(
             FieldViolation(
@@ -467,29 +476,12 @@ def _check_client_request_id(
 def check_budget(
     counted: chat_pb2.CountTokensResponse, request: chat_pb2.ChatRequest, limits: Limits, *, path: str
 ) -> None:
-    """Refuse a request whose prompt plus max_tokens does not fit the context."""
-    context = limits.context_length
-    prompt = counted.prompt_tokens
-    sampling = request.sampling
-    if sampling.HasField("max_tokens"):
-        if prompt + sampling.max_tokens > context:
-            room = context - prompt
-            advice = f"lower max_tokens to at most {room}" if room > 0 else "shorten the prompt"
-            raise InvalidRequest(
-                [
-                    FieldViolation(
-                        f"{path}sampling.max_tokens",
-                        f"the prompt is {prompt} tokens and max_tokens is {sampling.max_tokens}: "
-                        f"{prompt + sampling.max_tokens} is over the context of {context} tokens; {advice}",
-                    )
-                ]
-            )
-    elif prompt >= context:
-        raise InvalidRequest(
-            [
-                FieldViolation(
-                    f"{path}messages",
-                    f"the prompt is {prompt} tokens; the context holds {context}, leaving no room to answer",
-                )
-            ]
+    """Refuse a request whose prompt leaves no room to answer; a max_tokens over the room left is
+    clamped by the worker, as vLLM does (`contract.new_tokens_allowed`)."""
+    s = request.sampling
+    try:
+        new_tokens_allowed(
+            counted.prompt_tokens, s.max_tokens if s.HasField("max_tokens") else None, limits.context_length
         )
+    except BudgetProblem as problem:
+        raise InvalidRequest([FieldViolation(f"{path}{problem.field}", problem.description)]) from problem

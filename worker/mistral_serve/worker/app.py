@@ -80,7 +80,7 @@ async def start_worker(
     """Start a worker; spans go to `tracer_provider` (tests), else to the process's global provider."""
     client = connect(settings.redis_url, settings.redis_password, max_connections=settings.max_inflight + 8)
     await refuse_evicting_redis(client)
-    metrics = WorkerMetrics(settings.model_name)
+    metrics = WorkerMetrics(settings.served_model_name)
     health = WorkerHealth(
         client,
         engine,
@@ -118,7 +118,7 @@ async def start_worker(
         tracing.WorkerTelemetry(
             get_tracer(tracer_provider),
             metrics,
-            model=settings.model_name,
+            model=settings.served_model_name,
             pool=settings.pool,
             trace_content=settings.trace_content,
         ),

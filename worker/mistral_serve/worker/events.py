@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from mistral_serve.common import keys
+from mistral_serve.common import keys, retry
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
 
@@ -88,7 +88,7 @@ class EventWriter:
         await done
 
     async def run(self) -> None:
-        backoff = 0.05
+        backoff = retry.Backoff()
         while True:
             await self._has_data.wait()
             if not self._urgent.is_set():
@@ -101,12 +101,10 @@ class EventWriter:
             try:
                 await self._write(batch)
             except RedisError as exc:
-                log.warning("event write failed (%s); retrying in %.2fs", exc, backoff)
                 self._requeue(batch, waiters)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.wait(log, "event write", exc)
                 continue
-            backoff = 0.05
+            backoff.reset()
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import redis.asyncio as redis
+
+from mistral_serve.common.contract import FINISH_REASONS
+from mistral_serve.common.contract import error_event as error_event  # consumer.py imports it from here
+from mistral_serve.common.event_log import read_records
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
 
@@ -12,12 +17,6 @@ from .engine import Engine, EngineFinishReason, EngineRequest
 from .events import EventWriter
 from .tool_calls import ToolCallStreamParser
 from .tracing import JobObservation
-
-_FINISH_REASONS: dict[EngineFinishReason, chat_pb2.FinishReason.ValueType] = {
-    "stop": chat_pb2.FINISH_REASON_STOP,
-    "length": chat_pb2.FINISH_REASON_LENGTH,
-    "abort": chat_pb2.FINISH_REASON_ABORTED,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +28,11 @@ class Resume:
     raw_text: str = ""
     # The earlier run already wrote a terminal event: only the ack is missing.
     finished: bool = False
+
+    @classmethod
+    async def read(cls, client: redis.Redis, request_id: str) -> Resume:
+        """What the request's event stream holds, read by the reader the frontend's replay uses."""
+        return cls.from_records([record for _, record in await read_records(client, request_id)])
 
     @classmethod
     def from_records(cls, records: list[queue_pb2.EventRecord]) -> Resume:
@@ -120,7 +124,7 @@ async def _generate(
     tail, tool_calls = parser.finish()
     if tail:
         emit(tail, [])
-    finish_reason = _FINISH_REASONS[reason]
+    finish_reason = FINISH_REASONS[reason]
     if tool_calls and reason == "stop":
         finish_reason = chat_pb2.FINISH_REASON_TOOL_CALLS
     end = time.time()
@@ -137,7 +141,3 @@ async def _generate(
             ),
         )
     )
-
-
-def error_event(code: int, message: str, *, retryable: bool = False) -> chat_pb2.ChatEvent:
-    return chat_pb2.ChatEvent(error=chat_pb2.Error(code=code, message=message, retryable=retryable))

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as redis
-from google.rpc import code_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mistral_serve.common.contract import code_name
 from mistral_serve.v1 import chat_pb2
 
 from .engine import Engine, EngineOutput, EngineRequest
@@ -112,17 +112,10 @@ class WorkerMetrics:
 
     def job_ended(self, terminal: chat_pb2.ChatEvent) -> None:
         if terminal.WhichOneof("event") == "error":
-            self.jobs.labels("error", _rpc_code_name(terminal.error.code)).inc()
+            self.jobs.labels("error", code_name(terminal.error.code)).inc()
         else:
             reason = chat_pb2.FinishReason.Name(terminal.finished.finish_reason)
             self.jobs.labels("finished", reason.removeprefix("FINISH_REASON_")).inc()
-
-
-def _rpc_code_name(code: int) -> str:
-    try:
-        return str(code_pb2.Code.Name(code))
-    except ValueError:
-        return str(code)
 
 
 class ObservedEngine:

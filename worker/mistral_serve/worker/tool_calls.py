@@ -21,15 +21,20 @@ import secrets
 import string
 from dataclasses import dataclass
 
+from mistral_serve.common.contract import (
+    FUNCTION_NAME,
+    FUNCTION_NAME_CHARS,
+    FUNCTION_NAME_MAX,
+    TOOL_CALL_ID_LENGTH,
+)
 from mistral_serve.v1 import chat_pb2
 
 TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
 ARGS_TOKEN = "[ARGS]"
-TOOL_CALL_ID_LENGTH = 9
 _ID_ALPHABET = string.ascii_letters + string.digits
-# Function names the model's tool format allows (as the OpenAI API does).
-_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-_NAME_CHAR_RE = re.compile(r"[A-Za-z0-9_.\-]*")
+# The front door's function-name rule (FUNCTION_NAME): a call named otherwise is returned as text,
+# never as a call the caller could not send back.
+_NAME_CHAR_RE = re.compile(f"[{FUNCTION_NAME_CHARS}]*")
 
 
 def new_tool_call_id(seed: str = "") -> str:
@@ -177,7 +182,7 @@ class ToolCallStreamParser:
         i = self._buf.find(ARGS_TOKEN)
         if i >= 0:
             name = self._buf[:i].strip()
-            if not _NAME_RE.fullmatch(name):
+            if not FUNCTION_NAME.fullmatch(name):
                 return self._name_is_text(out)
             raw = TOOL_CALLS_TOKEN + self._buf[: i + len(ARGS_TOKEN)]
             self._current = _Call(index=self._next_index, id=self._call_id(), name=name, raw=raw)
@@ -191,7 +196,7 @@ class ToolCallStreamParser:
             return True
         # No [ARGS] yet: give up early once the text cannot be a name any more.
         candidate = self._buf[: len(self._buf) - _partial_suffix(self._buf, ARGS_TOKEN)].strip()
-        if len(candidate) > 64 or not _NAME_CHAR_RE.fullmatch(candidate):
+        if len(candidate) > FUNCTION_NAME_MAX or not _NAME_CHAR_RE.fullmatch(candidate):
             return self._name_is_text(out)
         return False
 
@@ -294,7 +299,7 @@ class ToolCallStreamParser:
                     args = json.loads(args)
                 except json.JSONDecodeError:
                     break
-            if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or not isinstance(args, dict):
+            if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name) or not isinstance(args, dict):
                 break
             calls.append((name, json.dumps(args, ensure_ascii=False)))
         else:

@@ -21,7 +21,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from mistral_serve.common import keys
+from mistral_serve.common import keys, sampling
+from mistral_serve.common.contract import DEFAULT_MODEL, finish_reason_name
 from mistral_serve.common.logs import bind_request_id
 from mistral_serve.common.telemetry import get_tracer
 from mistral_serve.common.tracecontext import extract_from
@@ -30,14 +31,6 @@ from mistral_serve.v1 import chat_pb2
 
 from .metrics import OPERATION, PROVIDER, WorkerMetrics
 
-DEFAULT_MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
-# The gen_ai.response.finish_reasons value of each finish reason.
-FINISH_REASONS = {
-    chat_pb2.FINISH_REASON_STOP: "stop",
-    chat_pb2.FINISH_REASON_LENGTH: "length",
-    chat_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
-    chat_pb2.FINISH_REASON_ABORTED: "abort",
-}
 ROLES = {
     chat_pb2.ROLE_SYSTEM: "system",
     chat_pb2.ROLE_USER: "user",
@@ -50,6 +43,7 @@ ROLES = {
 class WorkerTelemetry:
     tracer: trace.Tracer
     metrics: WorkerMetrics
+    # The served model's name (SharedSettings.served_model_name), never a local path.
     model: str = DEFAULT_MODEL
     pool: str = "default"
     # Record prompt and output text on generation spans (opt-in).
@@ -133,18 +127,14 @@ class JobObservation:
         return self
 
     def _request_attributes(self) -> dict[str, Any]:
-        request, sampling = self._queued.request, self._queued.request.sampling
+        request = self._queued.request
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": OPERATION,
             "gen_ai.provider.name": PROVIDER,
             "gen_ai.request.model": self._t.model,
             "gen_ai.response.id": self._queued.request_id,
+            **sampling.span_attributes(request.sampling),
         }
-        for name in ("temperature", "top_p", "max_tokens", "seed", "presence_penalty", "frequency_penalty"):
-            if sampling.HasField(name):
-                attributes[f"gen_ai.request.{name}"] = getattr(sampling, name)
-        if sampling.stop:
-            attributes["gen_ai.request.stop_sequences"] = list(sampling.stop)
         if self._t.trace_content:
             attributes["gen_ai.input.messages"] = json.dumps(input_messages(request))
         return attributes
@@ -173,8 +163,7 @@ class JobObservation:
     def finished(self, finished: chat_pb2.Finished) -> None:
         """Record the run's result: finish reason, usage, time per output token."""
         usage, span, m = finished.usage, self._generation, self._t.metrics
-        reason = FINISH_REASONS.get(finished.finish_reason, "unknown")
-        span.set_attribute("gen_ai.response.finish_reasons", [reason])
+        span.set_attribute("gen_ai.response.finish_reasons", [finish_reason_name(finished.finish_reason)])
         span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
         if self.output is not None:
@@ -233,5 +222,6 @@ def output_messages(text: list[str], finished: chat_pb2.Finished) -> list[dict[s
         parts.append(
             {"type": "tool_call", "id": call.id, "name": call.name, "arguments": call.arguments_json}
         )
-    reason = FINISH_REASONS.get(finished.finish_reason, "unknown")
-    return [{"role": "assistant", "parts": parts, "finish_reason": reason}]
+    return [
+        {"role": "assistant", "parts": parts, "finish_reason": finish_reason_name(finished.finish_reason)}
+    ]

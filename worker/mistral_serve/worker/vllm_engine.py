@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal, cast, get_args
+from typing import Literal, cast, get_args
 
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -22,27 +22,33 @@ from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from mistral_serve.common import sampling
+from mistral_serve.common.contract import (
+    DEFAULT_CONTEXT_LENGTH,
+    DEFAULT_MAX_IMAGES_PER_PROMPT,
+    DEFAULT_MODEL,
+    BudgetProblem,
+    new_tokens_allowed,
+)
 from mistral_serve.common.env import SettingError, env_bool, env_float, env_int, env_opt_str, env_str
 from mistral_serve.common.prompts import PromptBuilder, PromptError
+from mistral_serve.common.settings import SharedSettings
 from mistral_serve.v1 import chat_pb2
 from mistral_serve.worker.engine import EngineFinishReason, EngineOutput, EngineRequest, EngineRequestError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
-# The model card's recommended temperature, used when a request leaves it unset.
-DEFAULT_TEMPERATURE = 0.15
 DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
-_FINISH_REASONS: dict[str, EngineFinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+_FINISH_REASONS: tuple[EngineFinishReason, ...] = get_args(EngineFinishReason)
 
 
 @dataclass(frozen=True, slots=True)
 class VllmEngineSettings:
     model: str = DEFAULT_MODEL  # MISTRAL_SERVE_MODEL: hub id or local folder in Mistral's layout
     tensor_parallel: int = 2  # MISTRAL_SERVE_TENSOR_PARALLEL: GPUs one engine spans (the card's 2)
-    max_model_len: int = 131072  # MISTRAL_SERVE_MAX_MODEL_LEN: context length, prompt + output
+    max_model_len: int = DEFAULT_CONTEXT_LENGTH  # MISTRAL_SERVE_MAX_MODEL_LEN (SharedSettings.context_length)
     gpu_memory_utilization: float = 0.90  # MISTRAL_SERVE_GPU_MEMORY_UTILIZATION: GPU memory vLLM may take
-    max_images_per_prompt: int = 10  # MISTRAL_SERVE_MAX_IMAGES_PER_PROMPT: the card's image limit
+    max_images_per_prompt: int = DEFAULT_MAX_IMAGES_PER_PROMPT  # MISTRAL_SERVE_MAX_IMAGES_PER_PROMPT
     tokenizer_mode: str = "mistral"  # MISTRAL_SERVE_TOKENIZER_MODE: tekken.json via mistral_common
     config_format: str = "mistral"  # MISTRAL_SERVE_CONFIG_FORMAT: params.json
     load_format: str = "mistral"  # MISTRAL_SERVE_LOAD_FORMAT: consolidated.safetensors
@@ -60,12 +66,13 @@ class VllmEngineSettings:
     def from_env(cls) -> VllmEngineSettings:
         kv_raw = env_opt_str("KV_CACHE_BYTES")
         max_seqs_raw = env_opt_str("MAX_NUM_SEQS")
+        shared = SharedSettings.from_env()  # the variables the frontend reads too
         settings = cls(
-            model=env_str("MODEL", DEFAULT_MODEL),
+            model=shared.model_name,
             tensor_parallel=env_int("TENSOR_PARALLEL", 2, minimum=1),
-            max_model_len=env_int("MAX_MODEL_LEN", 131072, minimum=16),
+            max_model_len=shared.context_length,
             gpu_memory_utilization=env_float("GPU_MEMORY_UTILIZATION", 0.90, minimum=0.01),
-            max_images_per_prompt=env_int("MAX_IMAGES_PER_PROMPT", 10, minimum=0),
+            max_images_per_prompt=shared.max_images_per_prompt,
             tokenizer_mode=env_str("TOKENIZER_MODE", "mistral"),
             config_format=env_str("CONFIG_FORMAT", "mistral"),
             load_format=env_str("LOAD_FORMAT", "mistral"),
@@ -122,9 +129,7 @@ class VllmEngine:
     async def start(self) -> None:
         if self._llm is not None:
             return
-        builder = await asyncio.to_thread(
-            PromptBuilder.from_model, self.settings.model, max_images=self.settings.max_images_per_prompt
-        )
+        builder = await asyncio.to_thread(PromptBuilder.from_model, self.settings.model)
         # Building the engine loads the weights and profiles memory: seconds to minutes of blocking work.
         # Off the event loop, so the worker's health server and heartbeats keep answering meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.settings.engine_args())
@@ -154,15 +159,17 @@ class VllmEngine:
             built = self.prompt_builder.build(request.chat)
         except PromptError as exc:
             raise EngineRequestError(str(exc)) from exc
+        resumed = len(request.resume_token_ids)
         prompt_ids = built.token_ids + list(request.resume_token_ids)
-        room = self.settings.max_model_len - len(prompt_ids)
-        if room <= 0 or len(built.token_ids) >= self.settings.max_model_len:
-            raise EngineRequestError(
-                f"prompt of {len(prompt_ids)} tokens leaves no room in the context of "
-                f"{self.settings.max_model_len} tokens"
+        try:
+            # The budget of the whole request, checked on its prompt alone as the front door did.
+            allowed = new_tokens_allowed(
+                built.prompt_tokens, _max_tokens(request.chat), self.settings.max_model_len
             )
+        except BudgetProblem as exc:
+            raise EngineRequestError(exc.description) from exc
         prompt_tokens, image_tokens = built.prompt_tokens, built.image_tokens
-        max_tokens = _max_new_tokens(request.chat.sampling, room, len(request.resume_token_ids))
+        max_tokens = allowed - resumed
         if max_tokens <= 0:
             # A resumed request that had already produced all the tokens it asked for.
             yield EngineOutput("", (), prompt_tokens, image_tokens, "length")
@@ -195,29 +202,16 @@ class VllmEngine:
                     await stream.aclose()
 
 
-def _max_new_tokens(sampling: chat_pb2.SamplingParams, room: int, already: int) -> int:
-    """Tokens still to generate: as asked (less those already sent), capped by the context."""
-    if sampling.HasField("max_tokens"):
-        return min(sampling.max_tokens - already, room)
-    return room
+def _max_tokens(chat: chat_pb2.ChatRequest) -> int | None:
+    return chat.sampling.max_tokens if chat.sampling.HasField("max_tokens") else None
 
 
-def sampling_params(sampling: chat_pb2.SamplingParams, max_tokens: int) -> SamplingParams:
-    kwargs: dict[str, Any] = {
-        "temperature": sampling.temperature if sampling.HasField("temperature") else DEFAULT_TEMPERATURE,
-        "max_tokens": max_tokens,
-        "stop": list(sampling.stop) or None,
-        # Each output carries only what is new since the last one.
-        "output_kind": RequestOutputKind.DELTA,
-    }
-    if sampling.HasField("top_p"):
-        kwargs["top_p"] = sampling.top_p
-    if sampling.HasField("seed"):
-        kwargs["seed"] = sampling.seed
-    if sampling.HasField("presence_penalty"):
-        kwargs["presence_penalty"] = sampling.presence_penalty
-    if sampling.HasField("frequency_penalty"):
-        kwargs["frequency_penalty"] = sampling.frequency_penalty
+def sampling_params(params: chat_pb2.SamplingParams, max_tokens: int) -> SamplingParams:
+    """vLLM's parameters from the sampling table (`common.sampling`), with the clamped max_tokens."""
+    kwargs = sampling.vllm_kwargs(params)
+    kwargs["max_tokens"] = max_tokens
+    # Each output carries only what is new since the last one.
+    kwargs["output_kind"] = RequestOutputKind.DELTA
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:
@@ -231,8 +225,7 @@ def _dtype(value: str) -> DType:
 
 
 def _finish_reason(reason: str | None) -> EngineFinishReason:
-    mapped = _FINISH_REASONS.get(reason or "")
-    if mapped is None:
+    if reason not in _FINISH_REASONS:
         # vLLM's "error": the engine failed this request; not the caller's fault.
         raise RuntimeError(f"vLLM ended the request with finish reason {reason!r}")
-    return mapped
+    return reason

@@ -1,0 +1,79 @@
+"""The settings both processes read, from the same variables: one definition for frontend and worker.
+
+`FrontendSettings` and `WorkerSettings` extend `SharedSettings`; a field they share has its name,
+default and variable here (a process may give it another default, e.g. its own metrics port).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+from mistral_serve.common.contract import (
+    DEFAULT_CONTEXT_LENGTH,
+    DEFAULT_MAX_IMAGES_PER_PROMPT,
+    DEFAULT_MODEL,
+)
+from mistral_serve.common.env import env_float, env_int, env_opt_str, env_port_or_off, env_str
+
+
+def served_name(model: str, override: str | None) -> str:
+    """The model's name as callers, spans and metrics see it: `override`, the hub id, or the folder's
+    name when `model` is a local path (a path says where the weights are, not what the model is)."""
+    if override:
+        return override
+    looks_local = model.startswith(("/", "./", "../", "~"))
+    return PurePath(model.rstrip("/")).name if looks_local else model
+
+
+@dataclass(frozen=True)
+class SharedSettings:
+    # redis://host:port/db, or rediss:// for TLS.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Overrides a password in the URL; mounted from a Secret in Kubernetes.
+    redis_password: str | None = None
+    # Model pool whose request streams this process feeds or serves.
+    pool: str = "default"
+    # How long a request's events stay in Redis after its last write.
+    event_ttl_s: int = 600
+    # After SIGTERM, open work gets this long to finish.
+    drain_grace_s: float = 30.0
+    # text or json.
+    log_format: str = "text"
+    # The model: a hub id or a local folder in Mistral's layout (MISTRAL_SERVE_MODEL).
+    model_name: str = DEFAULT_MODEL
+    # Its name as GetModelInfo, spans and metrics report it; unset: see `served_name`.
+    served_model_name_override: str | None = None
+    # Context length, prompt + output (vLLM's max_model_len), and images per prompt.
+    context_length: int = DEFAULT_CONTEXT_LENGTH
+    max_images_per_prompt: int = DEFAULT_MAX_IMAGES_PER_PROMPT
+    # Prometheus /metrics port (0 picks a free one; None, "off" in the environment, serves none).
+    metrics_port: int | None = 9090
+    metrics_host: str = "0.0.0.0"
+
+    @property
+    def served_model_name(self) -> str:
+        return served_name(self.model_name, self.served_model_name_override)
+
+    @classmethod
+    def shared_from_env(cls) -> dict[str, Any]:
+        """The shared fields' values from the environment, with `cls`'s defaults."""
+        return {
+            "redis_url": env_str("REDIS_URL", cls.redis_url),
+            "redis_password": env_opt_str("REDIS_PASSWORD"),
+            "pool": env_str("POOL", cls.pool),
+            "event_ttl_s": env_int("EVENT_TTL_S", cls.event_ttl_s, minimum=1),
+            "drain_grace_s": env_float("DRAIN_GRACE_S", cls.drain_grace_s, minimum=0.0),
+            "log_format": env_str("LOG_FORMAT", cls.log_format),
+            "model_name": env_str("MODEL", cls.model_name),
+            "served_model_name_override": env_opt_str("SERVED_MODEL_NAME"),
+            "context_length": env_int("MAX_MODEL_LEN", cls.context_length, minimum=16),
+            "max_images_per_prompt": env_int("MAX_IMAGES_PER_PROMPT", cls.max_images_per_prompt, minimum=0),
+            "metrics_port": env_port_or_off("METRICS_PORT", cls.metrics_port),
+            "metrics_host": env_str("METRICS_HOST", cls.metrics_host),
+        }
+
+    @classmethod
+    def from_env(cls) -> SharedSettings:
+        return cls(**cls.shared_from_env())
