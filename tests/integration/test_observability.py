@@ -157,5 +157,6 @@ def stack_frontend_settings(stack: Stack) -> FrontendSettings:
         grpc_host="127.0.0.1",
         grpc_port=0,
         metrics_port=None,
+        http_port=0,
         health_interval_s=0.1,
     )

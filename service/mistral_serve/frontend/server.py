@@ -25,8 +25,9 @@ from .health import READINESS_SERVICE, FrontendHealth
 from .idempotency import Idempotency
 from .image_urls import FetchPolicy, ImageFetcher
 from .metrics import FrontendMetrics, sample_queue
+from .pipeline import ChatPipeline, TokenCounter
 from .queue import RequestQueue
-from .servicer import ChatServicer, TokenCounter
+from .servicer import ChatServicer
 from .settings import FrontendSettings
 from .tracing import ServerTelemetry
 from .validation import Limits
@@ -113,9 +114,8 @@ async def start_frontend(
     )
     fetcher = image_fetcher(settings)
     idempotency = Idempotency(client, ttl_s=settings.idempotency_ttl_s)
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(
-        ChatServicer(settings, queue, fanout, token_counter, fetcher=fetcher, idempotency=idempotency), server
-    )
+    pipeline = ChatPipeline(settings, queue, fanout, token_counter, fetcher=fetcher, idempotency=idempotency)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(pipeline), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         [

@@ -28,6 +28,8 @@ class FrontendSettings:
     grpc_host: str = "[::]"
     # 0 picks a free port (tests).
     grpc_port: int = 50051
+    # OpenAI-compatible HTTP door (/v1/chat/completions) on grpc_host; 0 picks a free port; "off" none.
+    http_port: int | None = 8000
     # Admission bound: queued + running requests of the pool before RESOURCE_EXHAUSTED.
     max_backlog: int = 256
     # What RetryInfo tells a refused caller to wait.
@@ -45,6 +47,8 @@ class FrontendSettings:
     max_receive_message_bytes: int = 64 * 1024 * 1024
     # Served model's name, context and image limit, as GetModelInfo answers them.
     model_name: str = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
+    # Other names the HTTP door's `model` field may give the served model (comma-separated).
+    model_aliases: tuple[str, ...] = ()
     context_length: int = 131072
     max_images_per_prompt: int = 10
     # tekken.json of the served model, for CountTokens; None answers FAILED_PRECONDITION.
@@ -121,6 +125,7 @@ class FrontendSettings:
             pool=env_str("POOL", cls.pool),
             grpc_host=env_str("GRPC_HOST", cls.grpc_host),
             grpc_port=env_int("GRPC_PORT", cls.grpc_port, minimum=0),
+            http_port=env_port_or_off("HTTP_PORT", cls.http_port),
             max_backlog=env_int("MAX_BACKLOG", cls.max_backlog, minimum=1),
             retry_after_s=env_float("RETRY_AFTER_S", cls.retry_after_s, minimum=0.0),
             default_deadline_s=env_float("DEFAULT_DEADLINE_S", cls.default_deadline_s, minimum=0.001),
@@ -131,6 +136,7 @@ class FrontendSettings:
                 "MAX_RECEIVE_MESSAGE_BYTES", cls.max_receive_message_bytes, minimum=1024
             ),
             model_name=env_str("MODEL", cls.model_name),
+            model_aliases=_env_list("MODEL_ALIASES"),
             context_length=env_int("MAX_MODEL_LEN", cls.context_length, minimum=1),
             max_images_per_prompt=env_int("MAX_IMAGES_PER_PROMPT", cls.max_images_per_prompt, minimum=0),
             tokenizer_path=env_opt_str("TOKENIZER"),
