@@ -55,7 +55,9 @@ _BY_CODE: dict[int, tuple[int, str, bool]] = {
 _INTERNAL = (500, "server_error", True)
 
 
-def error_body(message: str, kind: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, kind: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -87,7 +89,7 @@ def from_error_event(error: chat_pb2.Error) -> HttpError:
     """The HTTP answer to a request that ended in an `error` event before its answer was sent."""
     status, kind, _ = _BY_CODE.get(error.code, _INTERNAL)
     headers = {} if error.retryable else {"x-should-retry": "false"}
-    return HttpError(status, error_body(error.message, kind, code=_code_name(error.code)), headers)
+    return HttpError(status, error_body(error.message, kind, code=code_name(error.code).lower()), headers)
 
 
 def internal(exc: BaseException) -> HttpError:
@@ -101,8 +103,9 @@ def _name(path: str, names: OpenAINames | None) -> str | None:
     return names.param(path)
 
 
-def _code_name(code: int) -> str:
+def code_name(code: int) -> str:
+    """The name of a google.rpc code ("INVALID_ARGUMENT"), as the request metrics label it."""
     try:
-        return str(code_pb2.Code.Name(code)).lower()
+        return str(code_pb2.Code.Name(code))
     except ValueError:
         return str(code)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 from mistral_serve.v1 import chat_pb2
 
@@ -55,6 +56,9 @@ class OpenAINames:
         return path
 
 
+Naming: TypeAlias = Callable[[OpenAINames, re.Match[str]], str]
+
+
 def _content(names: OpenAINames, m: re.Match[str]) -> str:
     i = int(m[1])
     if i in names.string_content:
@@ -64,7 +68,7 @@ def _content(names: OpenAINames, m: re.Match[str]) -> str:
     return f"messages[{i}].content[{m[2]}]{rest}"
 
 
-_PATHS: list[tuple[re.Pattern[str], Any]] = [
+_PATHS: list[tuple[re.Pattern[str], Naming]] = [
     (re.compile(r"messages\[(\d+)\]\.content\[(\d+)\](.*)"), _content),
     (re.compile(r"(messages\[\d+\]\.tool_calls\[\d+\])\.name"), lambda n, m: f"{m[1]}.function.name"),
     (
@@ -180,7 +184,9 @@ def to_chat_completion(
         request.client_request_id = idempotency_key
     if r.violations:
         raise InvalidRequest(r.violations)
-    return ChatCompletion(request, names, model if isinstance(model, str) else None, bool(stream), include_usage)
+    return ChatCompletion(
+        request, names, model if isinstance(model, str) else None, bool(stream), include_usage
+    )
 
 
 def _message(r: _Reader, value: Any, i: int, out: chat_pb2.Message, names: OpenAINames) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from mistral_serve.v1 import chat_pb2
 
-from .errors import HttpError
+from .errors import code_name, from_error_event
 
 FINISH_REASONS = {
     chat_pb2.FINISH_REASON_STOP: "stop",
@@ -54,7 +54,11 @@ def usage(finished: chat_pb2.Finished) -> dict[str, int]:
 
 
 def tool_call(call: chat_pb2.FunctionCall) -> dict[str, Any]:
-    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments_json},
+    }
 
 
 def completion(
@@ -70,7 +74,11 @@ def completion(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text or (None if calls else ""), "tool_calls": calls},
+                "message": {
+                    "role": "assistant",
+                    "content": text or (None if calls else ""),
+                    "tool_calls": calls,
+                },
                 "logprobs": None,
                 "finish_reason": FINISH_REASONS.get(finished.finish_reason, "stop"),
             }
@@ -87,6 +95,8 @@ class ChunkWriter:
     model: str
     created: int
     include_usage: bool
+    # The gRPC / google.rpc code name the stream ended with.
+    outcome: str = "OK"
     _head: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -115,9 +125,10 @@ class ChunkWriter:
             out += _data({**self._head, "choices": [], "usage": usage(finished)})
         return out + DONE
 
-    def error(self, error: HttpError) -> bytes:
+    def error(self, error: chat_pb2.Error) -> bytes:
         """An error after the stream started: a last `data: {"error": ...}` event, then [DONE]."""
-        return _data(error.body) + DONE
+        self.outcome = code_name(error.code)
+        return _data(from_error_event(error).body) + DONE
 
     def _event(self, delta: dict[str, Any], *, finish_reason: str | None = None, sse_id: str = "") -> bytes:
         chunk = {
