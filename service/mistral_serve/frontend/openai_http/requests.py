@@ -195,7 +195,7 @@ def _message(r: _Reader, value: Any, i: int, out: chat_pb2.Message, names: OpenA
     if message is None:
         return
     role = message.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         r.bad(f"{where}.role", f"must be one of {', '.join(ROLES)}")
     else:
         out.role = ROLES[role]
