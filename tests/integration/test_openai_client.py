@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import pytest
 from openai import AsyncOpenAI, RateLimitError
@@ -60,17 +61,19 @@ async def test_a_completion_and_a_stream_through_the_openai_client(door: Fronten
 async def test_the_model_card_s_tool_call_loop_runs_unchanged(stack: Stack) -> None:
     frontend = await stack.frontend()
     await stack.worker(ScriptedEngine(default_tokens=len(TOOL_CALL_TEXT.split())))
+    tools: Any = [CALC_TOOL]
     async with client(frontend) as openai:
         response = await openai.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": [{"type": "text", "text": TOOL_CALL_TEXT}]}],
-            tools=[CALC_TOOL],  # type: ignore[list-item]
+            tools=tools,
             tool_choice="auto",
         )
     results = []
+    tool_call: Any  # the model card's loop, as written there
     for tool_call in response.choices[0].message.tool_calls or []:
-        if tool_call.function.name == "my_calculator":  # type: ignore[union-attr]
-            expression = json.loads(tool_call.function.arguments)["expression"]  # type: ignore[union-attr]
+        if tool_call.function.name == "my_calculator":
+            expression = json.loads(tool_call.function.arguments)["expression"]
             results.append(eval(expression))
     assert results == [10]
     assert response.choices[0].finish_reason == "tool_calls"
