@@ -38,7 +38,7 @@ from .errors import (
     from_service_error,
     internal,
 )
-from .requests import ChatCompletion, OpenAINames, parse_body, to_chat_completion
+from .requests import OpenAINames, parse_body, to_chat_completion
 from .responses import ChunkWriter, completion, completion_id, dumps, parse_event_id
 from .telemetry import HttpCall
 
@@ -98,7 +98,7 @@ class HttpDoor:
                 events = await self._pipeline.chat(parsed.request, caller=caller.identity, deadline=deadline)
                 if parsed.stream:
                     return await self._stream(request, call, events, model, parsed.include_usage)
-                return await self._gather(call, events, model, parsed)
+                return await self._gather(call, events, model)
         except ServiceError as error:
             return _refuse(call, from_service_error(error, names), error.code.name)
         except Exception as exc:
@@ -228,9 +228,7 @@ class HttpDoor:
                 chunk = writer.error(event.error)
             await response.write(chunk)
 
-    async def _gather(
-        self, call: HttpCall, events: EventStream, model: str, parsed: ChatCompletion
-    ) -> web.StreamResponse:
+    async def _gather(self, call: HttpCall, events: EventStream, model: str) -> web.StreamResponse:
         text: list[str] = []
         created = int(time.time())
         with contextlib.closing(events):
