@@ -26,6 +26,7 @@ MODES = {R.ToolChoice.MODE_AUTO: "auto", R.ToolChoice.MODE_NONE: "none", R.ToolC
 NO_OPENAI_FORM = {
     "a message with no role": "OpenAI messages always carry a role",
     "an empty content part": "an OpenAI content part always has a type",
+    "temperature NaN": "JSON has no NaN (the door refuses such a body as not JSON)",
 }
 # ChatRequest path pieces → OpenAI's names for them, in order.
 RENAMES = [

@@ -74,6 +74,10 @@ bodies = st.one_of(
     json_values.map(lambda v: json.dumps(v).encode()),
     wrong_field(),
     st.sampled_from([nested(100_000), nested(500), b"9" * 100_000, b'"' + b"a" * 500_000 + b'"']),
+    # Escapes that decode to no Unicode text (lone surrogates), where a string is expected.
+    st.sampled_from(["content", "role", "model"]).map(
+        lambda key: json.dumps(VALID).replace(f'"{key}": "', f'"{key}": "\\ud800', 1).encode()
+    ),
 )
 
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+import orjson
+
 from mistral_serve.v1 import chat_pb2
 
 from ..errors import FieldViolation, InvalidRequest
@@ -99,10 +101,14 @@ class ChatCompletion:
 
 
 def parse_body(raw: bytes) -> Any:
-    """The body as JSON; InvalidRequest (the whole body) when it is not JSON."""
+    """The body as JSON; InvalidRequest (the whole body) when it is not JSON.
+
+    orjson is strict where Python's json is not: no NaN or Infinity, no escapes that decode to lone
+    surrogates (text no protobuf string can hold), nesting bounded at 1024.
+    """
     try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as exc:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
         raise InvalidRequest([FieldViolation("", f"the body is not JSON: {exc}")]) from None
 
 

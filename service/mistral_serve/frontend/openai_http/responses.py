@@ -7,9 +7,10 @@ carry none, so a resume after the last delta gets them again, once.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from mistral_serve.v1 import chat_pb2
 
@@ -25,7 +26,8 @@ DONE = b"data: [DONE]\n\n"
 
 
 def dumps(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    # orjson: JSON was 3.1 of the 20.5 us of frontend CPU per streamed chunk (bench/http_chunk_cost.py).
+    return orjson.dumps(value)
 
 
 def completion_id(request_id: str) -> str:
