@@ -5,6 +5,8 @@ its JSON, cancel, probes, and the SERVER span and metrics of the door."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
+from mistral_serve.common.logs import JsonFormatter
 from mistral_serve.frontend.server import Frontend, start_frontend
 from tests.integration.conftest import Stack
 from tests.support.scripted_engine import ScriptedEngine
@@ -352,3 +355,16 @@ def stack_settings(stack: Stack) -> Any:
     return FrontendSettings(
         redis_url=stack.redis_url, grpc_host="127.0.0.1", grpc_port=0, metrics_port=None, http_port=0
     )
+
+
+async def test_each_request_logs_one_line_with_its_request_id(
+    door: Frontend, http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mistral_serve.frontend.openai_http.telemetry")
+    async with http.post(url(door), json=body(max_tokens=2)) as response:
+        request_id = (await response.json())["id"].removeprefix("chatcmpl-")
+    [line] = [r for r in caplog.records if r.name.endswith("openai_http.telemetry")]
+    assert getattr(line, "request_id", None) == request_id
+    assert line.getMessage() == "POST /v1/chat/completions 200 OK"
+    entry = json.loads(JsonFormatter("frontend").format(line))
+    assert entry["request_id"] == request_id
