@@ -368,3 +368,19 @@ async def test_each_request_logs_one_line_with_its_request_id(
     assert line.getMessage() == "POST /v1/chat/completions 200 OK"
     entry = json.loads(JsonFormatter("frontend").format(line))
     assert entry["request_id"] == request_id
+
+
+async def test_an_idempotency_key_repeat_replays_the_first_run(
+    door: Frontend, http: aiohttp.ClientSession
+) -> None:
+    headers = {"Idempotency-Key": "order-17"}
+    async with http.post(url(door), json=body("once only", max_tokens=3), headers=headers) as response:
+        first = await response.json()
+    async with http.post(url(door), json=body("once only", max_tokens=3), headers=headers) as response:
+        again = await response.json()
+    assert again["id"] == first["id"]
+    assert again["choices"] == first["choices"]
+    error, _ = await expect_error(
+        http, url(door), 400, "Idempotency-Key", json=body("another"), headers=headers
+    )
+    assert "different request" in error["message"]
