@@ -300,6 +300,7 @@ def stack(
     env.setdefault("MISTRAL_SERVE_DRAIN_GRACE_S", "5")
     # Prometheus metrics stay on (their cost is part of the stack) on a free port per process.
     env.setdefault("MISTRAL_SERVE_METRICS_PORT", "0")
+    env.setdefault("MISTRAL_SERVE_HTTP_PORT", "0")
     out = Stack(procs, redis_port)
     try:
         redis = procs.spawn(

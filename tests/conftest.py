@@ -117,6 +117,7 @@ class Processes:
             "MISTRAL_SERVE_LOG_FORMAT": "json",
             # A free port each, so that processes never collide on the 9090/9091 defaults.
             "MISTRAL_SERVE_METRICS_PORT": "0",
+            "MISTRAL_SERVE_HTTP_PORT": "0",
             "MISTRAL_SERVE_METRICS_HOST": "127.0.0.1",
         }
         env.update(

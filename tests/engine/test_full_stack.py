@@ -59,7 +59,7 @@ async def test_greedy_tokens_through_the_stack_equal_vllm_offline(
     runnable = [c for c in CONVERSATIONS if tiny_model.vision or not c.needs_vision]
     assert runnable
     frontend = await start_frontend(
-        FrontendSettings(redis_url=redis_url, grpc_host="127.0.0.1", grpc_port=0, metrics_port=0)
+        FrontendSettings(redis_url=redis_url, grpc_host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0)
     )
     worker = await start_worker(
         WorkerSettings(redis_url=redis_url, health_host="127.0.0.1", health_port=0, metrics_port=0),

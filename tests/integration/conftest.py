@@ -33,6 +33,7 @@ class Stack:
                 drain_grace_s=1.0,
                 health_interval_s=0.1,
                 metrics_port=0,  # a free port each: in-process stacks never collide
+                http_port=0,
                 metrics_host="127.0.0.1",
             ),
             **overrides,

@@ -70,6 +70,7 @@ async def front_door(stack: Stack, counter: TokenCounter | None, **overrides: An
             drain_grace_s=1.0,
             health_interval_s=0.1,
             metrics_port=0,  # a free port: frontends of other tests may still hold theirs
+            http_port=0,
             api_keys=(API_KEY_DIGEST,),
             context_length=CONTEXT_LENGTH,
             max_image_bytes=MAX_IMAGE_BYTES,

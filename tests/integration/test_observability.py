@@ -147,7 +147,7 @@ async def test_server_span_and_request_metrics_take_the_status_of_an_aborted_rpc
     assert span.status.status_code == StatusCode.ERROR
     assert not [s for s in exporter.get_finished_spans() if s.kind == SpanKind.PRODUCER]  # never queued
     assert frontend.metrics is not None
-    labels = {"method": "Chat", "outcome": "error", "code": "INVALID_ARGUMENT"}
+    labels = {"door": "grpc", "method": "Chat", "outcome": "error", "code": "INVALID_ARGUMENT"}
     assert frontend.metrics.registry.get_sample_value("mistral_serve_requests_total", labels) == 1
 
 
@@ -157,5 +157,6 @@ def stack_frontend_settings(stack: Stack) -> FrontendSettings:
         grpc_host="127.0.0.1",
         grpc_port=0,
         metrics_port=None,
+        http_port=0,
         health_interval_s=0.1,
     )

@@ -28,6 +28,7 @@ def processes(redis_url: str, subprocess_env: dict[str, str]) -> Iterator[int]:
         "MISTRAL_SERVE_HEALTH_PORT": str(free_port()),
         "MISTRAL_SERVE_ENGINE": "tests.support.scripted_engine:from_env",
         "MISTRAL_SERVE_LOG_FORMAT": "json",
+        "MISTRAL_SERVE_HTTP_PORT": "off",
     }
     started = [
         subprocess.Popen([sys.executable, "-m", f"mistral_serve.{name}"], env=env)

@@ -227,7 +227,7 @@ async def test_metrics_of_both_processes_move_after_a_chat(traced: TracedStack) 
             break
         await asyncio.sleep(0.05)
 
-    method = {"method": "ChatStream"}
+    method = {"door": "grpc", "method": "ChatStream"}
     assert (
         moved(frontend_before, frontend, "mistral_serve_requests_total", outcome="ok", code="OK", **method)
         == 1

@@ -123,6 +123,7 @@ async def soak(duration_s: float, streams: int, kill_every_s: float, rate: float
         "MISTRAL_SERVE_GRPC_HOST": "127.0.0.1",
         "MISTRAL_SERVE_HEALTH_HOST": "127.0.0.1",
         "MISTRAL_SERVE_METRICS_PORT": "off",
+        "MISTRAL_SERVE_HTTP_PORT": "off",
         "MISTRAL_SERVE_MAX_BACKLOG": str(streams * 2),
         "MISTRAL_SERVE_WORKER_MAX_INFLIGHT": str(streams),
         "MISTRAL_SERVE_LEASE_MS": "1500",

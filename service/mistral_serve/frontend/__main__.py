@@ -7,8 +7,8 @@ import uvloop
 from mistral_serve.common.logs import configure
 from mistral_serve.common.telemetry import setup_tracing
 
+from .pipeline import TokenCounter
 from .server import serve
-from .servicer import TokenCounter
 from .settings import FrontendSettings
 
 # The service name of this process's spans and logs unless OTEL_SERVICE_NAME says otherwise.

@@ -39,6 +39,10 @@ class InvalidRequest(ServiceError):
         self.violations = violations
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
 
+    def under(self, prefix: str) -> InvalidRequest:
+        """The same violations with their paths under `prefix` (where a door's message holds them)."""
+        return InvalidRequest([FieldViolation(f"{prefix}{v.field}", v.description) for v in self.violations])
+
     def details(self) -> list[Any]:
         bad = error_details_pb2.BadRequest(
             field_violations=[

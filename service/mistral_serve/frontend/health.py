@@ -24,6 +24,8 @@ class FrontendHealth:
         self._redis = client
         self._interval_s = interval_s
         self._draining = False
+        # Readiness as last checked, for the HTTP door's probe.
+        self.ready = False
 
     async def start(self) -> None:
         await self.servicer.set("", SERVING)
@@ -33,9 +35,11 @@ class FrontendHealth:
         """Keep readiness in step with Redis: SERVING only while it answers."""
         while not self._draining:
             ready = await answers(self._redis, self._interval_s)
+            self.ready = ready and not self._draining
             await self.servicer.set(READINESS_SERVICE, SERVING if ready else NOT_SERVING)
             await asyncio.sleep(self._interval_s)
 
     async def drain(self) -> None:
         self._draining = True
+        self.ready = False
         await self.servicer.enter_graceful_shutdown()

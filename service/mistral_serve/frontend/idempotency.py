@@ -6,7 +6,7 @@ fingerprint of the request; a repeat with the same fingerprint replays the first
 stream from its start, live while it runs; a repeat with another request under the same id is
 refused (INVALID_ARGUMENT on client_request_id). A request refused at admission releases the key.
 
-A repeat follows the first run like a reattach from its first delta (see ChatServicer._attach).
+A repeat follows the first run like a reattach from its first delta (see ChatPipeline._attach).
 """
 
 from __future__ import annotations

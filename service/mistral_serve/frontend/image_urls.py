@@ -207,7 +207,7 @@ def _client_error(exc: aiohttp.ClientError) -> str:
 
 
 async def resolve_image_urls(
-    request: chat_pb2.ChatRequest, fetcher: ImageFetcher, *, path: str
+    request: chat_pb2.ChatRequest, fetcher: ImageFetcher, *, path: str = ""
 ) -> dict[PartIndex, CheckedImage]:
     """The images behind `request`'s http(s) image URLs, fetched and checked, by where they sit.
 

@@ -34,26 +34,30 @@ class FrontendMetrics:
         r = self.registry
         self.requests = Counter(
             "mistral_serve_requests",
-            "RPCs ended, by method, outcome (ok, error, cancelled) and gRPC / google.rpc code.",
-            ["method", "outcome", "code"],
+            "Requests ended, by door (grpc, http), method, outcome (ok, error, cancelled) and gRPC /"
+            " google.rpc code.",
+            ["door", "method", "outcome", "code"],
             registry=r,
         )
         self.duration = Histogram(
             "mistral_serve_request_duration_seconds",
-            "RPC duration at the frontend, from its arrival to its last message (end to end).",
-            ["method"],
+            "Request duration at the frontend, from its arrival to its last message (end to end).",
+            ["door", "method"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
         self.time_to_first_delta = Histogram(
             "mistral_serve_time_to_first_token_seconds",
-            "Streaming RPCs: time from the RPC's arrival to the first delta sent to the caller.",
-            ["method"],
+            "Streaming requests: time from the request's arrival to the first delta sent to the caller.",
+            ["door", "method"],
             buckets=TTFT_BUCKETS,
             registry=r,
         )
         self.inflight = Gauge(
-            "mistral_serve_inflight_requests", "RPCs being served right now.", ["method"], registry=r
+            "mistral_serve_inflight_requests",
+            "Requests being served right now.",
+            ["door", "method"],
+            registry=r,
         )
         self.admissions = Counter(
             "mistral_serve_queue_admissions",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import grpc
 import redis.asyncio as redis
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
@@ -25,8 +26,10 @@ from .health import READINESS_SERVICE, FrontendHealth
 from .idempotency import Idempotency
 from .image_urls import FetchPolicy, ImageFetcher
 from .metrics import FrontendMetrics, sample_queue
+from .openai_http.app import HttpDoor, start_http
+from .pipeline import ChatPipeline, TokenCounter
 from .queue import RequestQueue
-from .servicer import ChatServicer, TokenCounter
+from .servicer import ChatServicer
 from .settings import FrontendSettings
 from .tracing import ServerTelemetry
 from .validation import Limits
@@ -52,6 +55,9 @@ class Frontend:
     metrics: FrontendMetrics | None = None
     # The /metrics endpoint, when a metrics port is set; its port is the one bound (for port 0).
     metrics_server: MetricsServer | None = None
+    # The OpenAI-compatible HTTP door, when an HTTP port is set, and the port it bound.
+    http_runner: web.AppRunner | None = None
+    http_port: int | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -60,7 +66,10 @@ class Frontend:
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: readiness NOT_SERVING, no new RPCs, open streams get `grace_s` to finish."""
         await self.health.drain()
-        await self.server.stop(self.settings.drain_grace_s if grace_s is None else grace_s)
+        grace = self.settings.drain_grace_s if grace_s is None else grace_s
+        # Both doors drain at once; open HTTP streams get the setting's grace.
+        http = self.http_runner.cleanup() if self.http_runner is not None else asyncio.sleep(0)
+        await asyncio.gather(self.server.stop(grace), http)
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self.fetcher is not None:
@@ -114,9 +123,8 @@ async def start_frontend(
     )
     fetcher = image_fetcher(settings)
     idempotency = Idempotency(client, ttl_s=settings.idempotency_ttl_s)
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(
-        ChatServicer(settings, queue, fanout, token_counter, fetcher=fetcher, idempotency=idempotency), server
-    )
+    pipeline = ChatPipeline(settings, queue, fanout, token_counter, fetcher=fetcher, idempotency=idempotency)
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(pipeline), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     reflection.enable_server_reflection(
         [
@@ -136,6 +144,10 @@ async def start_frontend(
         health_port = health_server.add_insecure_port(f"{settings.grpc_host}:{settings.health_port}")
     await health.start()
     await server.start()
+    http_runner, http_port = None, None
+    if settings.http_port is not None:
+        door = HttpDoor(pipeline, settings, auth, health, tracer, metrics)
+        http_runner, http_port = await start_http(door, settings, settings.http_port)
     if health_server is not None:
         await health_server.start()
     loop = asyncio.get_running_loop()
@@ -173,6 +185,8 @@ async def start_frontend(
         fetcher,
         metrics,
         metrics_server,
+        http_runner,
+        http_port,
     )
 
 

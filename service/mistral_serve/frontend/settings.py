@@ -12,6 +12,7 @@ from mistral_serve.common.env import (
     env_float,
     env_int,
     env_opt_str,
+    env_port_or_off,
     env_str,
 )
 from mistral_serve.common.settings import SharedSettings
@@ -24,6 +25,8 @@ class FrontendSettings(SharedSettings):
     grpc_host: str = "[::]"
     # 0 picks a free port (tests).
     grpc_port: int = 50051
+    # OpenAI-compatible HTTP door (/v1/chat/completions) on grpc_host; 0 picks a free port; "off" none.
+    http_port: int | None = 8000
     # Admission bound: queued + running requests of the pool before RESOURCE_EXHAUSTED.
     max_backlog: int = 256
     # What RetryInfo tells a refused caller to wait.
@@ -35,6 +38,8 @@ class FrontendSettings(SharedSettings):
     # Largest request message gRPC accepts, and the most image bytes one queued request may carry
     # (it is stored in Redis). Larger messages are refused by gRPC itself (RESOURCE_EXHAUSTED).
     max_receive_message_bytes: int = 64 * 1024 * 1024
+    # Other names the HTTP door's `model` field may give the served model (comma-separated).
+    model_aliases: tuple[str, ...] = ()
     # tekken.json of the served model, for CountTokens; None answers FAILED_PRECONDITION.
     tokenizer_path: str | None = None
     # Largest encoded image accepted (bytes, data: URL payload after base64, or a fetched URL's body).
@@ -102,6 +107,7 @@ class FrontendSettings(SharedSettings):
             **cls.shared_from_env(),
             grpc_host=env_str("GRPC_HOST", cls.grpc_host),
             grpc_port=env_int("GRPC_PORT", cls.grpc_port, minimum=0),
+            http_port=env_port_or_off("HTTP_PORT", cls.http_port),
             max_backlog=env_int("MAX_BACKLOG", cls.max_backlog, minimum=1),
             retry_after_s=env_float("RETRY_AFTER_S", cls.retry_after_s, minimum=0.0),
             default_deadline_s=env_float("DEFAULT_DEADLINE_S", cls.default_deadline_s, minimum=0.001),
@@ -109,6 +115,7 @@ class FrontendSettings(SharedSettings):
             max_receive_message_bytes=env_int(
                 "MAX_RECEIVE_MESSAGE_BYTES", cls.max_receive_message_bytes, minimum=1024
             ),
+            model_aliases=_env_list("MODEL_ALIASES"),
             tokenizer_path=env_opt_str("TOKENIZER"),
             max_image_bytes=env_int("MAX_IMAGE_BYTES", cls.max_image_bytes, minimum=1),
             max_image_side_px=env_int("MAX_IMAGE_SIDE_PX", cls.max_image_side_px, minimum=1),

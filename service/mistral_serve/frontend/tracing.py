@@ -29,6 +29,8 @@ from .metrics import FrontendMetrics
 RPC_GRPC_STATUS_CODE = "rpc.grpc.status_code"
 ERROR_TYPE = "error.type"
 REQUEST_ID = "mistral_serve.request_id"
+# The metrics label of this door (the HTTP door counts as "http").
+DOOR = "grpc"
 
 
 class ServerTelemetry(grpc.aio.ServerInterceptor):
@@ -90,7 +92,7 @@ class _Call:
             span.set_attribute("network.peer.address", address)
         if port is not None:
             span.set_attribute("network.peer.port", port)
-        self._metrics.inflight.labels(self.method).inc()
+        self._metrics.inflight.labels(DOOR, self.method).inc()
         return span
 
     def unary(self, behavior: Callable[[Any, Context], Awaitable[Any]]) -> Callable[[Any, Context], Any]:
@@ -139,7 +141,7 @@ class _Call:
         if kind == "started":
             span.set_attribute(REQUEST_ID, event.started.request_id)
         elif kind == "delta":
-            self._metrics.time_to_first_delta.labels(self.method).observe(time.monotonic() - started)
+            self._metrics.time_to_first_delta.labels(DOOR, self.method).observe(time.monotonic() - started)
             span.add_event("first token")
             return True
         return False
@@ -154,9 +156,9 @@ class _Call:
             span.set_attribute(ERROR_TYPE, error)
         span.end()
         outcome = "ok" if error is None else "cancelled" if error == "CANCELLED" else "error"
-        self._metrics.requests.labels(self.method, outcome, error or "OK").inc()
-        self._metrics.duration.labels(self.method).observe(time.monotonic() - started)
-        self._metrics.inflight.labels(self.method).dec()
+        self._metrics.requests.labels(DOOR, self.method, outcome, error or "OK").inc()
+        self._metrics.duration.labels(DOOR, self.method).observe(time.monotonic() - started)
+        self._metrics.inflight.labels(DOOR, self.method).dec()
 
 
 def _final_code(context: Context, error: str | None) -> grpc.StatusCode:

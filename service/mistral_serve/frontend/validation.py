@@ -474,7 +474,7 @@ def _check_client_request_id(
 
 
 def check_budget(
-    counted: chat_pb2.CountTokensResponse, request: chat_pb2.ChatRequest, limits: Limits, *, path: str
+    counted: chat_pb2.CountTokensResponse, request: chat_pb2.ChatRequest, limits: Limits, *, path: str = ""
 ) -> None:
     """Refuse a request whose prompt leaves no room to answer; a max_tokens over the room left is
     clamped by the worker, as vLLM does (`contract.new_tokens_allowed`)."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP door (see app.py and docs/openai.md)."""

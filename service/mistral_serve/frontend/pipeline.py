@@ -1,0 +1,256 @@
+"""The request pipeline both front doors share: a ChatRequest, its caller and deadline in, ChatEvents out.
+
+It never sees a transport. The gRPC servicer and the OpenAI HTTP handlers translate their wire format
+into a ChatRequest, make one call here, and translate the events back. The field paths of the errors
+raised here are relative to the ChatRequest (`messages[0].content[1]`) or to the reattach
+(`last_sequence`); each door names them its own way once, at its boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import TypeAlias
+
+from google.rpc import code_pb2
+
+from mistral_serve.common.contract import error_event
+from mistral_serve.v1 import chat_pb2
+
+from .errors import FieldViolation, InvalidRequest, NotConfigured, NotFound
+from .fanout import EventFanout, Subscription
+from .idempotency import Idempotency, fingerprint
+from .image_urls import ImageFetcher, resolve_image_urls
+from .queue import RequestQueue
+from .request_form import FrontDoorRequest, build_request_form
+from .settings import FrontendSettings
+from .validation import Limits, check_budget, validate_chat_request
+
+log = logging.getLogger(__name__)
+
+# Counts a request's prompt tokens (text and images) the way the worker's prompt builder does.
+TokenCounter: TypeAlias = Callable[[FrontDoorRequest], chat_pb2.CountTokensResponse]
+TERMINAL = ("finished", "error")
+
+
+class ChatPipeline:
+    def __init__(
+        self,
+        settings: FrontendSettings,
+        queue: RequestQueue,
+        fanout: EventFanout,
+        token_counter: TokenCounter | None,
+        *,
+        fetcher: ImageFetcher | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> None:
+        self._settings = settings
+        self._limits = Limits.from_settings(settings)
+        self._queue = queue
+        self._fanout = fanout
+        self._token_counter = token_counter
+        self._fetcher = fetcher
+        self._idempotency = idempotency
+        # Cancels run after their caller is gone; hold them so they are not garbage collected.
+        self._cancels: set[asyncio.Task[None]] = set()
+
+    def deadline(self, remaining_s: float | None) -> float:
+        """The absolute deadline of a call with `remaining_s` left (None: the service's default)."""
+        return time.time() + (self._settings.default_deadline_s if remaining_s is None else remaining_s)
+
+    async def chat(self, request: chat_pb2.ChatRequest, *, caller: str, deadline: float) -> EventStream:
+        """Check and queue `request`; its events, `started` first. Raises a ServiceError if refused."""
+        admitted = await self._front_door(request)
+        return await self._run(request, admitted, caller, deadline)
+
+    async def reattach(
+        self, request_id: str, last_sequence: int, *, caller: str, deadline: float
+    ) -> EventStream:
+        """The rest of a request `caller` started: `started`, the deltas after `last_sequence`, the end."""
+        await self._check_owner(request_id, caller)
+        return await self._attach(request_id, deadline, last_sequence=last_sequence)
+
+    async def cancel(self, request_id: str, *, caller: str) -> None:
+        """End a request `caller` started, attached or not. Idempotent."""
+        await self._check_owner(request_id, caller)
+        await self._queue.cancel(request_id)
+
+    async def count_tokens(self, request: chat_pb2.ChatRequest) -> chat_pb2.CountTokensResponse:
+        if self._token_counter is None:
+            validate_chat_request(request, limits=self._limits)
+            raise NotConfigured("CountTokens needs MISTRAL_SERVE_TOKENIZER (the model's tekken.json)")
+        form = await self._request_form(request)
+        return await asyncio.to_thread(self._token_counter, form)
+
+    def model_info(self) -> chat_pb2.GetModelInfoResponse:
+        s = self._settings
+        return chat_pb2.GetModelInfoResponse(
+            model=s.served_model_name,
+            context_length=s.context_length,
+            max_images_per_prompt=s.max_images_per_prompt,
+            supports_tools=True,
+            supports_images=s.max_images_per_prompt > 0,
+        )
+
+    async def _front_door(self, request: chat_pb2.ChatRequest) -> FrontDoorRequest:
+        """Every check before a request may cost queue space: the request as it will be queued."""
+        form = await self._request_form(request)
+        if self._token_counter is not None:
+            counted = await asyncio.to_thread(self._token_counter, form)
+            check_budget(counted, form.request, self._limits)
+        return form
+
+    async def _request_form(self, request: chat_pb2.ChatRequest) -> FrontDoorRequest:
+        """Validate `request`, fetch its image URLs, and build the one form the rest works on."""
+        images = validate_chat_request(request, limits=self._limits)
+        if self._fetcher is not None:
+            images |= await resolve_image_urls(request, self._fetcher)
+        return build_request_form(
+            request, images, max_total_image_bytes=self._settings.max_receive_message_bytes
+        )
+
+    async def _run(
+        self, original: chat_pb2.ChatRequest, form: FrontDoorRequest, caller: str, deadline: float
+    ) -> EventStream:
+        """Queue `form`; `original` is what the caller sent: a repeat of its client_request_id
+        follows the first run instead."""
+        request_id = uuid.uuid4().hex
+        claim = None
+        if self._idempotency is not None and original.client_request_id:
+            claim = (caller, original.client_request_id, fingerprint(original), request_id)
+            first_id = await self._idempotency.claim(*claim, path="")
+            if first_id is not None:
+                return await self._attach(first_id, deadline, last_sequence=0)
+        queued = form.queued
+        queued.request_id = request_id
+        queued.deadline_unix = deadline
+        queued.admitted_unix = time.time()
+        queued.attempt = 1
+        sub = self._fanout.open(request_id)
+        try:
+            await self._queue.admit(queued, owner=caller)
+        except BaseException:
+            self._fanout.close(sub)
+            if claim is not None and self._idempotency is not None:
+                await self._idempotency.release(*claim)
+            raise
+        # A caller who goes away leaves the request running for the detach grace (they may
+        # reattach); the attached key then lapses and a worker cancels it.
+        return EventStream(self._fanout, sub, deadline, last_sequence=0, on_deadline=self._cancel_later)
+
+    async def _attach(self, request_id: str, deadline: float, *, last_sequence: int) -> EventStream:
+        """`started`, then the request's events after `last_sequence`: from Redis, then live."""
+        history = await self._fanout.history(request_id)
+        if last_sequence > history.last_sequence:
+            raise InvalidRequest(
+                [
+                    FieldViolation(
+                        "last_sequence",
+                        f"{last_sequence} is beyond the {history.last_sequence} deltas this request "
+                        "has sent; pass the sequence of the last delta you received",
+                    )
+                ]
+            )
+        sub = self._fanout.open(request_id, after_entry_id=history.last_entry_id)
+        # Before any await: live batches the reader delivers from now on must queue behind the history.
+        sub.batches.put_nowait(history.events)
+        try:
+            await self._fanout.attach_now(request_id)
+        except BaseException:
+            self._fanout.close(sub)
+            raise
+        return EventStream(self._fanout, sub, deadline, last_sequence=last_sequence)
+
+    async def _check_owner(self, request_id: str, caller: str) -> None:
+        """Raise NotFound unless `caller` started `request_id`: others learn nothing, not even that
+        it exists."""
+        owner = await self._queue.owner(request_id) if request_id else None
+        if owner is None or not hmac.compare_digest(owner.encode(), caller.encode()):
+            raise NotFound(f"no request {request_id!r} of yours is kept here")
+
+    def _cancel_later(self, request_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._cancel(request_id))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, request_id: str) -> None:
+        try:
+            await self._queue.cancel(request_id)
+        except Exception:
+            log.warning("could not mark request %s cancelled", request_id, exc_info=True)
+
+
+class EventStream:
+    """One caller's copy of a request's events: `started`, the deltas after `last_sequence` in order,
+    then the terminal event, or a DEADLINE_EXCEEDED error once the deadline passes.
+
+    An async iterator written as a class rather than a generator, so that a streamed event passes
+    through one plain method here. The door that got it must `close` it (contextlib.closing) when it
+    stops reading early; reaching the terminal event closes it too.
+
+    `on_deadline` is given the request id when the deadline passes: set when the deadline is the
+    request's own (then passing it cancels the request); a reattached caller's deadline only ends
+    its stream (detach).
+    """
+
+    def __init__(
+        self,
+        fanout: EventFanout,
+        sub: Subscription,
+        deadline: float,
+        *,
+        last_sequence: int,
+        on_deadline: Callable[[str], None] | None = None,
+    ) -> None:
+        self.request_id = sub.request_id
+        self._fanout = fanout
+        self._sub: Subscription | None = sub
+        self._deadline = deadline
+        self._last_sequence = last_sequence
+        self._on_deadline = on_deadline
+        self._pending: deque[chat_pb2.ChatEvent] = deque(
+            [chat_pb2.ChatEvent(started=chat_pb2.Started(request_id=sub.request_id))]
+        )
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> chat_pb2.ChatEvent:
+        while not self._pending:
+            if self._sub is None:
+                raise StopAsyncIteration
+            await self._take_batch(self._sub)
+        return self._pending.popleft()
+
+    def close(self) -> None:
+        if self._sub is not None:
+            self._fanout.close(self._sub)
+            self._sub = None
+
+    async def _take_batch(self, sub: Subscription) -> None:
+        try:
+            batch = await asyncio.wait_for(sub.batches.get(), timeout=max(self._deadline - time.time(), 0))
+        except TimeoutError:
+            if self._on_deadline is not None:
+                self._on_deadline(self.request_id)
+            self._pending.append(
+                error_event(code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed", retryable=True)
+            )
+            self.close()
+            return
+        for event in batch:
+            kind = event.WhichOneof("event")
+            if kind == "delta":
+                # A resumed or replayed stream may repeat what this caller already has.
+                if event.delta.sequence <= self._last_sequence:
+                    continue
+                self._last_sequence = event.delta.sequence
+            self._pending.append(event)
+            if kind in TERMINAL:
+                self.close()
+                return
