@@ -43,9 +43,9 @@ async def test_sigkill_of_a_frontend_mid_stream_is_invisible_to_reattaching_clie
     processes: Processes,
 ) -> None:
     slow = {"SCRIPTED_TOKENS_PER_S": "40", "SCRIPTED_TOKENS": "120"}
-    first, port_1 = processes.spawn("frontend")
-    _, port_2 = processes.spawn("frontend")
-    _, health = processes.spawn("worker", **slow)
+    first, port_1 = await processes.spawn("frontend")
+    _, port_2 = await processes.spawn("frontend")
+    _, health = await processes.spawn("worker", **slow)
     for port in (port_1, port_2):
         await wait_serving(port, READINESS_SERVICE)
     await wait_serving(health, WORKER_READY)

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
+from mistral_serve.common.ports import report_ports
 from mistral_serve.common.redis_client import connect
 from mistral_serve.common.telemetry import MetricsServer, get_tracer, serve_metrics
 from mistral_serve.v1 import chat_pb2_grpc
@@ -228,6 +229,7 @@ def image_fetcher(settings: FrontendSettings) -> ImageFetcher | None:
 
 async def serve(settings: FrontendSettings, token_counter: TokenCounter | None = None) -> None:
     frontend = await start_frontend(settings, token_counter)
+    report_ports(grpc=frontend.port, health=frontend.health_port, metrics=frontend.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
