@@ -14,7 +14,7 @@ from mistral_serve.frontend.health import READINESS_SERVICE
 from mistral_serve.v1 import chat_pb2
 from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READY
 from tests.conftest import Processes, start_redis
-from tests.support.health import wait_serving
+from tests.support.health import NO_ANSWER, wait_for_status, wait_serving
 from tests.support.requests import chat, events_text
 from tests.support.waiting import until
 
@@ -110,7 +110,7 @@ async def test_frontend_sigterm_finishes_open_streams_and_refuses_new_ones(proce
         streams = [asyncio.create_task(r.run(client, request(i))) for i, r in enumerate(recorders)]
         await until(lambda: all(r.deltas >= 2 for r in recorders))
         frontend.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await wait_for_status(port, "", NO_ANSWER)  # the draining server takes no new RPC
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.chat(request(99), timeout_s=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -10,6 +10,8 @@ from devtools.local_stack import health_status as status_of
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# What status_of reads while the server takes no RPC at all (stopped, or stopping).
+NO_ANSWER = health_pb2.HealthCheckResponse.UNKNOWN
 
 
 async def wait_for_status(port: int, service: str, wanted: int, timeout_s: float = 10.0) -> None:

@@ -7,6 +7,7 @@ the same text on any worker. It records what reached it, so tests can see aborts
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from collections.abc import AsyncIterator
 
@@ -21,6 +22,8 @@ class ScriptedEngine:
         self.default_tokens = default_tokens
         self.started_ids: list[str] = []
         self.aborted_ids: list[str] = []
+        # Tokens generated so far, by request id: what tests wait on to see a request go on.
+        self.emitted: collections.Counter[str] = collections.Counter()
         self._running: set[str] = set()
         self._ready = False
 
@@ -58,6 +61,7 @@ class ScriptedEngine:
                 if request.request_id not in self._running:
                     return
                 last = i == len(words) - 1
+                self.emitted[request.request_id] += 1
                 yield EngineOutput(
                     text=word if i == 0 else " " + word,
                     token_ids=(1000 + i,),
