@@ -21,6 +21,7 @@ class ScriptedEngine:
         self.interval_s = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
         self.default_tokens = default_tokens
         self.started_ids: list[str] = []
+        self.requests: list[EngineRequest] = []  # every request that reached generate, as it came
         self.aborted_ids: list[str] = []
         # Tokens generated so far, by request id: what tests wait on to see a request go on.
         self.emitted: collections.Counter[str] = collections.Counter()
@@ -45,6 +46,7 @@ class ScriptedEngine:
         self._ready = False
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        self.requests.append(request)
         words, reason = script_for(request, self.default_tokens)
         if words and words[0] == "[fail]":
             raise EngineRequestError("the scripted engine refuses this prompt")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -223,7 +224,10 @@ def image_fetcher(settings: FrontendSettings) -> ImageFetcher | None:
             timeout_s=settings.image_url_timeout_s,
             max_redirects=settings.image_url_max_redirects,
             limits=Limits.from_settings(settings).image,
-        )
+        ),
+        ssl=ssl.create_default_context(cafile=settings.image_url_ca_file)
+        if settings.image_url_ca_file
+        else True,
     )
 
 
