@@ -30,6 +30,8 @@ import grpc
 import psutil
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from mistral_serve.common.ports import PORT_FILE_ENV
 from mistral_serve.frontend.health import READINESS_SERVICE as FRONTEND_READINESS
@@ -133,13 +135,15 @@ def start_redis(data_dir: Path, port: int | None = None, *, log: Path | None = N
 
 
 def _answers(port: int, process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> bool:
-    client = redis.Redis(port=port, socket_connect_timeout=1)
+    """Whether the redis-server `process` answers on `port`: the one answering must be this process,
+    not whoever else holds the port (then `process` exits, having failed to bind)."""
+    # No retries inside the client: each probe is short, and this loop is the retry.
+    client = redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
     end = time.monotonic() + timeout_s
     try:
         while time.monotonic() < end and process.poll() is None:
-            with contextlib.suppress(redis.ConnectionError):
-                if client.ping():
-                    return True
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                return int(client.info("server")["process_id"]) == process.pid
             time.sleep(0.025)
         return False
     finally:
