@@ -25,6 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -143,7 +144,8 @@ def _answers(port: int, process: subprocess.Popen[bytes], timeout_s: float = 10.
     try:
         while time.monotonic() < end and process.poll() is None:
             with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                return int(client.info("server")["process_id"]) == process.pid
+                info: dict[str, Any] = client.info("server")  # type: ignore[assignment]  # sync client
+                return int(info["process_id"]) == process.pid
             time.sleep(0.025)
         return False
     finally:
