@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +164,21 @@ async def health_status(port: int, service: str) -> int:
         return int(reply.status)
 
 
+async def wait_for_health(
+    port: int, service: str, wanted: int, timeout_s: float, *, alive: Callable[[], None] | None = None
+) -> None:
+    """Until `service` on 127.0.0.1:`port` reports `wanted`; `alive` raises if a process it needs died."""
+    end = time.monotonic() + timeout_s
+    while (current := await health_status(port, service)) != wanted:
+        if alive is not None:
+            alive()
+        if time.monotonic() > end:
+            raise StackError(
+                f"{service!r} on port {port} stayed {current}, wanted {wanted} ({timeout_s:.0f}s)"
+            )
+        await asyncio.sleep(0.05)
+
+
 class LocalStack:
     """Children of one stack, each started with `env` plus its own settings and stopped by PID."""
 
@@ -228,11 +243,13 @@ class LocalStack:
             port, service = ports.get("health", ports["grpc"]), FRONTEND_READINESS
         else:
             port, service = ports["health"], WORKER_READINESS
-        while await health_status(port, service) != health_pb2.HealthCheckResponse.SERVING:
-            child.check_alive()
-            if time.monotonic() > end:
-                raise StackError(f"{child.name} ({service} on port {port}) not ready within {timeout_s:.0f}s")
-            await asyncio.sleep(0.05)
+        await wait_for_health(
+            port,
+            service,
+            health_pb2.HealthCheckResponse.SERVING,
+            end - time.monotonic(),
+            alive=self.check_alive,
+        )
         return ports
 
     def check_alive(self) -> None:
