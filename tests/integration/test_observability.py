@@ -87,7 +87,7 @@ async def test_queue_gauges_show_a_waiting_request_until_a_worker_takes_it(stack
 
     await until(lambda: sample("mistral_serve_queue_lag") == 1, timeout_s=4)
     assert sample("mistral_serve_queue_depth") == 1
-    # A later sample of the same wait shows it growing: a sampler that stopped after one sample fails.
+    # Sampled again while nobody takes the request, its wait has grown above zero.
     await until(lambda: (sample("mistral_serve_queue_oldest_waiting_seconds") or 0) > 0, timeout_s=4)
 
     await stack.worker()
