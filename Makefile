@@ -71,11 +71,11 @@ test-fast: setup protos
 
 lint: setup protos
 	ruff check .
-	ruff format --check common/mistral_serve/common service worker client tests bench scripts
+	ruff format --check common/mistral_serve/common service worker client devtools tests bench scripts
 	cd protos && buf lint
 
 typecheck: setup protos
-	mypy common/mistral_serve/common service worker client
+	mypy common/mistral_serve/common service worker client devtools
 
 # 256 streams for 5 minutes against a frontend and two workers, a worker killed every 20 s.
 soak: setup protos

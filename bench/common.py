@@ -1,5 +1,5 @@
-"""What every benchmark shares: loopback ports, the stack's processes (stopped by PID), CPU accounting,
-percentiles, tables and result files."""
+"""What every benchmark shares: the stack's processes (devtools.local_stack, stopped by PID), CPU
+accounting, percentiles, tables and result files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import json
 import os
 import platform
 import shutil
-import socket
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from devtools.local_stack import LocalStack, free_port
+
+__all__ = ["free_port"]  # for servers that cannot bind port 0 themselves (vllm serve)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -30,16 +33,6 @@ LOGS = RESULTS / "logs"
 TINY_MODEL = REPO / ".cache" / "tiny-model-text"
 # The fast engine of the overhead and scaling benchmarks, loaded by worker processes.
 STEPPED_ENGINE = "bench.stepped_engine:from_env"
-# Redis for benchmarks: nothing on disk, warnings only.
-REDIS_FLAGS = ("--save", "", "--appendonly", "no", "--loglevel", "warning")
-READINESS_FRONTEND = "mistral_serve.v1.ChatService"
-READINESS_WORKER = "mistral_serve.worker"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_loopback(target: str) -> str:
@@ -139,49 +132,16 @@ class CpuMeter:
         return used
 
 
-class Processes:
-    """Child processes of one benchmark: started with logs under bench/results/logs, stopped by PID."""
+class Processes(LocalStack):
+    """Child processes of one benchmark, with their logs in bench/results/logs/<tag>/."""
 
     def __init__(self, tag: str) -> None:
+        super().__init__(base_env(), Path(tempfile.mkdtemp(prefix=f"bench-{tag}-")), log_dir=LOGS / tag)
         self.tag = tag
-        self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        LOGS.mkdir(parents=True, exist_ok=True)
-        log = open(LOGS / f"{self.tag}-{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        log.close()
-        self.started.append((name, process))
-        return process
-
-    def check_alive(self) -> None:
-        for name, process in self.started:
-            if process.poll() is not None:
-                raise SystemExit(f"{name} exited with {process.returncode}; see {LOGS}/{self.tag}-{name}.log")
-
-    def stop_all(self, grace_s: float = 15.0) -> None:
-        """SIGTERM each child by PID (last started first), then SIGKILL whatever outlived the grace,
-        its own children included (vLLM's engine core, which would otherwise live on and spin)."""
-        descendants: list[psutil.Process] = []
-        for _, process in self.started:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                descendants += psutil.Process(process.pid).children(recursive=True)
-        for _, process in reversed(self.started):
-            if process.poll() is None:
-                process.terminate()
-        end = time.monotonic() + grace_s
-        for _, process in reversed(self.started):
-            try:
-                process.wait(timeout=max(end - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
-        _, alive = psutil.wait_procs(descendants, timeout=max(end - time.monotonic(), 1.0))
-        for child in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-        psutil.wait_procs(alive, timeout=10)
-        self.started.clear()
+    def stop_all(self, grace_s: float = 15.0, *, sig: int = signal.SIGTERM) -> None:
+        super().stop_all(grace_s, sig=sig)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def code_root() -> Path | None:
@@ -287,69 +247,28 @@ def stack(
     ready_timeout_s: float = 180.0,
 ) -> Iterator[Stack]:
     """Start Redis, `frontends` frontends and `workers` workers with `settings` (env); stop them on exit."""
-    redis_server = shutil.which("redis-server")
-    if redis_server is None:
-        raise SystemExit("redis-server is missing (scripts/install_system_deps.sh installs it)")
     procs = Processes(tag)
-    redis_port = free_port()
-    env = {**base_env(), "MISTRAL_SERVE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", **(settings or {})}
-    env.setdefault("MISTRAL_SERVE_GRPC_HOST", "127.0.0.1")
-    env.setdefault("MISTRAL_SERVE_HEALTH_HOST", "127.0.0.1")
-    env.setdefault("MISTRAL_SERVE_LOG_FORMAT", "json")
-    # Streams still open at the end are cut anyway: stop within the Processes grace, not after 120 s.
-    env.setdefault("MISTRAL_SERVE_DRAIN_GRACE_S", "5")
-    # Prometheus metrics stay on (their cost is part of the stack) on a free port per process.
-    env.setdefault("MISTRAL_SERVE_METRICS_PORT", "0")
-    env.setdefault("MISTRAL_SERVE_HTTP_PORT", "0")
-    out = Stack(procs, redis_port)
     try:
-        redis = procs.spawn(
-            "redis",
-            [redis_server, "--port", str(redis_port), "--bind", "127.0.0.1", *REDIS_FLAGS],
-        )
-        out.redis_pid = redis.pid
-        for i in range(frontends):
-            port = free_port()
-            p = procs.spawn(
-                f"frontend{i}",
-                [sys.executable, "-m", "mistral_serve.frontend"],
-                {**env, "MISTRAL_SERVE_GRPC_PORT": str(port)},
-            )
-            out.frontend_ports.append(port)
-            out.frontend_pids.append(p.pid)
-        for i in range(workers):
-            port = free_port()
-            p = procs.spawn(
-                f"worker{i}",
-                [sys.executable, "-m", "mistral_serve.worker"],
-                {**env, "MISTRAL_SERVE_HEALTH_PORT": str(port), "MISTRAL_SERVE_WORKER_NAME": f"w{i}"},
-            )
-            out.worker_health_ports.append(port)
-            out.worker_pids.append(p.pid)
-        checks = [(p, READINESS_FRONTEND) for p in out.frontend_ports]
-        checks += [(p, READINESS_WORKER) for p in out.worker_health_ports]
-        asyncio.run(wait_all_serving(checks, ready_timeout_s, procs))
+        redis = procs.start_redis()
+        procs.env.update({"MISTRAL_SERVE_REDIS_URL": redis.url, "MISTRAL_SERVE_LOG_FORMAT": "json"})
+        # Streams still open at the end are cut anyway: stop within the Processes grace, not after 120 s.
+        procs.env["MISTRAL_SERVE_DRAIN_GRACE_S"] = "5"
+        procs.env.update(settings or {})
+        # Prometheus metrics stay on (their cost is part of the stack), on the port each process binds.
+        started = [procs.start("frontend", f"frontend{i}") for i in range(frontends)]
+        started += [procs.start("worker", f"worker{i}", worker_name=f"w{i}") for i in range(workers)]
+        asyncio.run(procs.ready_all(started, ready_timeout_s))
+        out = Stack(procs, redis.port, redis_pid=redis.process.pid)
+        for child in started:
+            if child.name.startswith("frontend"):
+                out.frontend_ports.append(child.ports["grpc"])
+                out.frontend_pids.append(child.pid)
+            else:
+                out.worker_health_ports.append(child.ports["health"])
+                out.worker_pids.append(child.pid)
         yield out
     finally:
         procs.stop_all()
-
-
-async def wait_all_serving(checks: list[tuple[int, str]], timeout_s: float, procs: Processes) -> None:
-    end = time.monotonic() + timeout_s
-    for port, service in checks:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                procs.check_alive()
-                if time.monotonic() > end:
-                    raise SystemExit(f"{service} on port {port} was not ready within {timeout_s:.0f}s")
-                try:
-                    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                await asyncio.sleep(0.1)
 
 
 def command_line() -> str:

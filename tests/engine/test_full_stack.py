@@ -6,50 +6,27 @@ went through the stack are read back from Redis and compared with `LLM.chat`, to
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from mistral_serve.client import ChatClient
 from mistral_serve.common import keys
 from mistral_serve.frontend.server import start_frontend
 from mistral_serve.frontend.settings import FrontendSettings
 from mistral_serve.queue.v1 import queue_pb2
+from mistral_serve.v1 import chat_pb2
 from mistral_serve.worker.app import start_worker
-from mistral_serve.worker.engine import EngineOutput, EngineRequest
 from mistral_serve.worker.settings import WorkerSettings
+from mistral_serve.worker.tool_calls import ARGS_TOKEN, TOOL_CALLS_TOKEN
 from mistral_serve.worker.vllm_engine import VllmEngine
 from tests.engine.conftest import TinyModel
 from tests.engine.conversations import Conversation, all_conversations
+from tests.engine.session_engine import SessionEngine
+from tests.support import raw_stream
+from tests.support.raw_stream import raw_events
 
 CONVERSATIONS = all_conversations()
-
-
-class SessionEngine:
-    """The session's VllmEngine, lent to one worker: the worker's stop must not shut it down."""
-
-    def __init__(self, engine: VllmEngine) -> None:
-        self._engine = engine
-
-    async def start(self) -> None:
-        await self._engine.start()
-
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        return self._engine.generate(request)
-
-    async def abort(self, request_id: str) -> None:
-        await self._engine.abort(request_id)
-
-    def is_ready(self) -> bool:
-        return self._engine.is_ready()
-
-    def running_count(self) -> int:
-        return self._engine.running_count()
-
-    async def shutdown(self) -> None:
-        """Left to the session fixture."""
 
 
 @pytest.mark.asyncio(loop_scope="session")
@@ -67,9 +44,8 @@ async def test_greedy_tokens_through_the_stack_equal_vllm_offline(
     )
     client = aioredis.Redis.from_url(redis_url)
     try:
-        async with ChatClient(f"127.0.0.1:{frontend.port}") as chat_client:
-            for conversation in runnable:
-                await check_conversation(chat_client, client, conversation, vllm_reference)
+        for conversation in runnable:
+            await check_conversation(frontend.port, client, conversation, vllm_reference)
     finally:
         await client.aclose()
         await worker.stop(grace_s=0)
@@ -77,13 +53,13 @@ async def test_greedy_tokens_through_the_stack_equal_vllm_offline(
 
 
 async def check_conversation(
-    chat_client: ChatClient, client: aioredis.Redis, conversation: Conversation, reference: dict[str, Any]
+    port: int, client: aioredis.Redis, conversation: Conversation, reference: dict[str, Any]
 ) -> None:
     expected = reference["greedy"][conversation.name]
     request = type(conversation.chat)()
     request.CopyFrom(conversation.chat)
     request.sampling.temperature = 0.0
-    events = [e async for e in chat_client.stream(request, timeout_s=120)]
+    events = await raw_events(port, raw_stream.start(request), timeout_s=120)
     assert events[-1].WhichOneof("event") == "finished", (conversation.name, events[-1])
     request_id = events[0].started.request_id
     records = [
@@ -95,7 +71,22 @@ async def check_conversation(
     assert finished.usage.completion_tokens == len(expected["token_ids"]), conversation.name
     # Tokens the parser still held back at the end are counted in usage but not in any delta record.
     assert streamed_tokens == expected["token_ids"][: len(streamed_tokens)], conversation.name
+    # A parsed tool call is compared too, as the model wrote it (vLLM's text keeps the markers).
+    assert model_text(events) == expected["text"], conversation.name
     if not finished.tool_calls:
-        text = "".join(e.delta.text for e in events if e.WhichOneof("event") == "delta")
-        assert text == expected["text"], conversation.name
         assert streamed_tokens == expected["token_ids"], conversation.name
+
+
+def model_text(events: list[chat_pb2.ChatEvent]) -> str:
+    """The model's raw output from the deltas: their text, and each tool call as
+    `[TOOL_CALLS]name[ARGS]` followed by its argument fragments as they were streamed."""
+    parts: list[str] = []
+    for event in events:
+        if event.WhichOneof("event") != "delta":
+            continue
+        parts.append(event.delta.text)
+        for call in event.delta.tool_calls:
+            if call.name:  # a call's first fragment names it
+                parts.append(f"{TOOL_CALLS_TOKEN}{call.name}{ARGS_TOKEN}")
+            parts.append(call.arguments_fragment)
+    return "".join(parts)

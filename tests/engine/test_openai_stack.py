@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -25,17 +26,15 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
-from mistral_serve.frontend.health import READINESS_SERVICE
-from tests.conftest import REPO, Processes, free_port, start_redis
+from devtools.local_stack import LocalStack
+from tests.conftest import REPO
 from tests.engine.conftest import TinyModel
 from tests.engine.vllm_env import tiny_engine_env
 from tests.integration.front_door_cases import SMALL_PNG, data_url
-from tests.support.health import wait_serving
 from tests.support.sse import joined_text, read_events
 
 MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
 CONTEXT = 131072
-WORKER_READINESS = "mistral_serve.worker"
 
 
 @dataclass
@@ -58,35 +57,30 @@ class HttpStack:
 @pytest.fixture(scope="module")
 def http_stack(tiny_model: TinyModel) -> Iterator[HttpStack]:
     tmp = Path(tempfile.mkdtemp(prefix="openai-stack-"))
-    redis_server = start_redis(tmp)
-    env = {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    procs = Processes(redis_server.url, {**os.environ, **env})
+    stack = LocalStack({**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}, tmp)
     try:
-        common = {"MISTRAL_SERVE_MAX_MODEL_LEN": str(CONTEXT), "MISTRAL_SERVE_DETACH_GRACE_S": "5"}
-        engine = {**tiny_engine_env(str(tiny_model.path)), **common, "MISTRAL_SERVE_ENGINE": "vllm"}
-        _, worker_health = procs.spawn("worker", **engine)
-        doors = []
-        for _ in range(2):
-            http_port = free_port()
-            process, grpc_port = procs.spawn(
+        redis_server = stack.start_redis()
+        common = {
+            "redis_url": redis_server.url,
+            "log_format": "json",
+            "MISTRAL_SERVE_MAX_MODEL_LEN": str(CONTEXT),
+            "MISTRAL_SERVE_DETACH_GRACE_S": "5",
+        }
+        worker = stack.start("worker", **common, **tiny_engine_env(str(tiny_model.path)), engine="vllm")
+        frontends = [
+            stack.start(
                 "frontend",
                 **common,
                 MISTRAL_SERVE_TOKENIZER=str(tiny_model.path / "tekken.json"),
-                MISTRAL_SERVE_HTTP_PORT=str(http_port),
                 MISTRAL_SERVE_MODEL=MODEL,  # the name callers use; the worker loads the tiny model's path
             )
-            doors.append(Door(process, grpc_port, http_port))
-
-        async def ready() -> None:
-            await wait_serving(worker_health, WORKER_READINESS, timeout_s=600)
-            for door in doors:
-                await wait_serving(door.grpc_port, READINESS_SERVICE)
-
-        asyncio.run(ready())
+            for _ in range(2)
+        ]
+        asyncio.run(stack.ready_all([worker, *frontends], timeout_s=600))
+        doors = [Door(f.process, f.ports["grpc"], f.ports["http"]) for f in frontends]
         yield HttpStack(doors, tiny_model.vision)
     finally:
-        procs.stop_all()
-        redis_server.stop()
+        stack.stop_all(grace_s=30, sig=signal.SIGKILL)
 
 
 @pytest_asyncio.fixture

@@ -8,11 +8,17 @@ import contextlib
 import pytest
 
 from mistral_serve.v1 import chat_pb2 as pb
+from mistral_serve.worker.app import start_worker
 from mistral_serve.worker.engine import EngineOutput, EngineRequest, EngineRequestError
+from mistral_serve.worker.health import DEEP_SERVICE
+from mistral_serve.worker.settings import WorkerSettings
 from mistral_serve.worker.vllm_engine import VllmEngine
 from tests.engine.conftest import TinyModel
 from tests.engine.conversations import data_url, make_png, text
+from tests.engine.session_engine import SessionEngine
 from tests.integration.test_front_door import form_of
+from tests.support.health import wait_serving
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -29,15 +35,31 @@ async def collect(engine: VllmEngine, request: EngineRequest) -> list[EngineOutp
 
 
 async def wait_until_idle(engine: VllmEngine) -> None:
-    async with asyncio.timeout(10):
-        # The engine's request count has no event to wait on; poll it briefly.
-        while engine.running_count():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
+    await until(lambda: engine.running_count() == 0, timeout_s=10)
 
 
 async def test_engine_is_ready_once_started(engine: VllmEngine) -> None:
     assert engine.is_ready()
     assert engine.running_count() == 0
+
+
+async def test_deep_health_generates_one_token_on_vllm(engine: VllmEngine, redis_url: str) -> None:
+    settings = WorkerSettings(
+        redis_url=redis_url,
+        health_host="127.0.0.1",
+        health_port=0,
+        metrics_host="127.0.0.1",
+        metrics_port=0,
+        deep_health_interval_s=0.2,
+    )
+    worker = await start_worker(settings, SessionEngine(engine))
+    try:
+        await wait_serving(worker.health.port, DEEP_SERVICE, timeout_s=120)
+        assert worker.metrics is not None
+        assert worker.metrics.registry.get_sample_value("mistral_serve_worker_deep_health_ok") == 1
+    finally:
+        await worker.stop(grace_s=0)
+    await wait_until_idle(engine)  # the check's one-token request leaves nothing behind
 
 
 async def test_stream_yields_new_tokens_only_and_ends_at_max_tokens(engine: VllmEngine) -> None:

@@ -14,7 +14,7 @@ from mistral_serve.frontend.health import READINESS_SERVICE
 from mistral_serve.v1 import chat_pb2
 from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READY
 from tests.conftest import Processes, start_redis
-from tests.support.health import wait_serving
+from tests.support.health import NO_ANSWER, wait_for_status, wait_serving
 from tests.support.requests import chat, events_text
 from tests.support.waiting import until
 
@@ -53,8 +53,8 @@ class Recorder:
 
 async def test_kill_9_of_a_worker_mid_stream_loses_nothing(processes: Processes) -> None:
     slow = {**SLOW, "SCRIPTED_TOKENS_PER_S": "60", "SCRIPTED_TOKENS": "300"}
-    _, port = processes.spawn("frontend")
-    worker_a, a_health = processes.spawn("worker", **slow)
+    _, port = await processes.spawn("frontend")
+    worker_a, a_health = await processes.spawn("worker", **slow)
     await wait_serving(port, READINESS_SERVICE)
     await wait_serving(a_health, WORKER_READY)
     async with ChatClient(f"127.0.0.1:{port}") as client:
@@ -64,7 +64,7 @@ async def test_kill_9_of_a_worker_mid_stream_loses_nothing(processes: Processes)
 
         recorders = [Recorder() for _ in range(32)]
         streams = [asyncio.create_task(r.run(client, request(i))) for i, r in enumerate(recorders)]
-        _, b_health = processes.spawn("worker", **slow)  # idle until A is lost: A holds every job
+        _, b_health = await processes.spawn("worker", **slow)  # idle until A is lost: A holds every job
         await wait_serving(b_health, WORKER_READY)
         await until(lambda: all(r.deltas >= 5 for r in recorders))
         worker_a.send_signal(signal.SIGKILL)
@@ -80,14 +80,14 @@ async def test_kill_9_of_a_worker_mid_stream_loses_nothing(processes: Processes)
 
 
 async def test_worker_sigterm_hands_unfinished_jobs_to_another_worker(processes: Processes) -> None:
-    _, port = processes.spawn("frontend")
-    worker_a, a_health = processes.spawn("worker", drain_grace_s="0.3", **SLOW)
+    _, port = await processes.spawn("frontend")
+    worker_a, a_health = await processes.spawn("worker", drain_grace_s="0.3", **SLOW)
     await wait_serving(port, READINESS_SERVICE)
     await wait_serving(a_health, WORKER_READY)
     async with ChatClient(f"127.0.0.1:{port}") as client:
         recorders = [Recorder() for _ in range(8)]
         streams = [asyncio.create_task(r.run(client, request(i))) for i, r in enumerate(recorders)]
-        _, b_health = processes.spawn("worker", **SLOW)
+        _, b_health = await processes.spawn("worker", **SLOW)
         await wait_serving(b_health, WORKER_READY)
         await until(lambda: all(r.deltas >= 3 for r in recorders))
         worker_a.send_signal(signal.SIGTERM)
@@ -101,8 +101,8 @@ async def test_worker_sigterm_hands_unfinished_jobs_to_another_worker(processes:
 
 
 async def test_frontend_sigterm_finishes_open_streams_and_refuses_new_ones(processes: Processes) -> None:
-    frontend, port = processes.spawn("frontend", drain_grace_s="20")
-    _, health = processes.spawn("worker", SCRIPTED_TOKENS_PER_S="40", SCRIPTED_TOKENS="40")
+    frontend, port = await processes.spawn("frontend", drain_grace_s="20")
+    _, health = await processes.spawn("worker", SCRIPTED_TOKENS_PER_S="40", SCRIPTED_TOKENS="40")
     await wait_serving(port, READINESS_SERVICE)
     await wait_serving(health, WORKER_READY)
     async with ChatClient(f"127.0.0.1:{port}", max_attempts=1) as client:
@@ -110,7 +110,7 @@ async def test_frontend_sigterm_finishes_open_streams_and_refuses_new_ones(proce
         streams = [asyncio.create_task(r.run(client, request(i))) for i, r in enumerate(recorders)]
         await until(lambda: all(r.deltas >= 2 for r in recorders))
         frontend.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await wait_for_status(port, "", NO_ANSWER)  # the draining server takes no new RPC
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await client.chat(request(99), timeout_s=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -125,8 +125,8 @@ async def test_redis_restart_mid_run_ends_streams_by_their_deadline_and_recovers
     redis_server = start_redis(tmp_path)
     processes.redis_url = redis_server.url
     try:
-        _, port = processes.spawn("frontend")
-        _, health = processes.spawn("worker", SCRIPTED_TOKENS_PER_S="20", SCRIPTED_TOKENS="60")
+        _, port = await processes.spawn("frontend")
+        _, health = await processes.spawn("worker", SCRIPTED_TOKENS_PER_S="20", SCRIPTED_TOKENS="60")
         await wait_serving(port, READINESS_SERVICE)
         await wait_serving(health, WORKER_READY)
         async with ChatClient(f"127.0.0.1:{port}", max_attempts=1) as client:

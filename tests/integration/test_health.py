@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from mistral_serve.frontend.health import READINESS_SERVICE
@@ -29,11 +28,19 @@ async def test_frontend_is_ready_only_while_redis_answers(stack: Stack, tmp_path
         own_redis.stop()
 
 
-async def test_frontend_without_redis_is_not_ready(stack: Stack) -> None:
-    stack.redis_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+async def test_frontend_without_redis_is_not_ready(stack: Stack, tmp_path: Path) -> None:
+    port = free_port()
+    stack.redis_url = f"redis://127.0.0.1:{port}/0"  # nothing listens there yet
     frontend = await stack.frontend()
-    await asyncio.sleep(0.3)
     assert await status_of(frontend.port, READINESS_SERVICE) == NOT_SERVING
+    # Readiness starts NOT_SERVING anyway: see the health loop decide, both ways, for this frontend.
+    late_redis = start_redis(tmp_path, port=port)
+    try:
+        await wait_for_status(frontend.port, READINESS_SERVICE, SERVING)
+    finally:
+        late_redis.stop()
+    await wait_for_status(frontend.port, READINESS_SERVICE, NOT_SERVING)
+    assert await status_of(frontend.port, "") == SERVING  # alive, just not ready
 
 
 async def test_worker_is_ready_once_engine_loaded_and_not_while_draining(stack: Stack) -> None:

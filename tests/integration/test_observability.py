@@ -25,6 +25,7 @@ from tests.integration.conftest import Stack
 from tests.support.health import wait_serving
 from tests.support.requests import chat
 from tests.support.scripted_engine import ScriptedEngine
+from tests.support.waiting import until
 
 QUEUE = {"pool": "default", "band": "normal"}
 
@@ -81,25 +82,17 @@ async def test_queue_gauges_show_a_waiting_request_until_a_worker_takes_it(stack
     client = stack.client(frontend)
     pending = asyncio.ensure_future(client.chat(chat("wait for me"), timeout_s=30))
 
-    async def lag() -> float | None:
-        return metrics.registry.get_sample_value("mistral_serve_queue_lag", QUEUE)
+    def sample(name: str) -> float | None:
+        return metrics.registry.get_sample_value(name, QUEUE)
 
-    for _ in range(200):
-        if await lag() == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert await lag() == 1
-    assert metrics.registry.get_sample_value("mistral_serve_queue_depth", QUEUE) == 1
-    await asyncio.sleep(0.1)
-    assert (metrics.registry.get_sample_value("mistral_serve_queue_oldest_waiting_seconds", QUEUE) or 0) > 0
+    await until(lambda: sample("mistral_serve_queue_lag") == 1, timeout_s=4)
+    assert sample("mistral_serve_queue_depth") == 1
+    # Sampled again while nobody takes the request, its wait has grown above zero.
+    await until(lambda: (sample("mistral_serve_queue_oldest_waiting_seconds") or 0) > 0, timeout_s=4)
 
     await stack.worker()
     await pending
-    for _ in range(200):
-        if metrics.registry.get_sample_value("mistral_serve_queue_depth", QUEUE) == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert metrics.registry.get_sample_value("mistral_serve_queue_depth", QUEUE) == 0
+    await until(lambda: sample("mistral_serve_queue_depth") == 0, timeout_s=4)
     assert metrics.registry.get_sample_value("mistral_serve_queue_lag", QUEUE) == 0
 
 
@@ -120,12 +113,9 @@ async def test_deep_health_reports_a_one_token_generation(stack: Stack) -> None:
     broken = await stack.worker(BrokenEngine(), deep_health_interval_s=0.05)
     await wait_serving(broken.health.port, "mistral_serve.worker", timeout_s=10)  # ready: loaded, Redis up
     assert await broken.health.deep_check() is False
-    assert broken.metrics is not None
-    for _ in range(100):
-        if broken.metrics.registry.get_sample_value("mistral_serve_worker_deep_health_ok") == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert broken.metrics.registry.get_sample_value("mistral_serve_worker_deep_health_ok") == 0
+    metrics = broken.metrics
+    assert metrics is not None
+    await until(lambda: metrics.registry.get_sample_value("mistral_serve_worker_deep_health_ok") == 0, 2)
 
 
 async def test_server_span_and_request_metrics_take_the_status_of_an_aborted_rpc(

@@ -11,11 +11,13 @@ import pytest
 from mistral_serve.client import ChatClient
 from mistral_serve.frontend.auth import key_digest
 from mistral_serve.frontend.health import READINESS_SERVICE
-from mistral_serve.v1 import chat_pb2
+from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
 from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READY
 from tests.conftest import Processes
 from tests.integration.conftest import Stack
+from tests.support import raw_stream
 from tests.support.health import wait_serving
+from tests.support.raw_stream import raw_events
 from tests.support.requests import chat, events_text
 from tests.support.scripted_engine import ScriptedEngine
 from tests.support.waiting import until
@@ -43,9 +45,9 @@ async def test_sigkill_of_a_frontend_mid_stream_is_invisible_to_reattaching_clie
     processes: Processes,
 ) -> None:
     slow = {"SCRIPTED_TOKENS_PER_S": "40", "SCRIPTED_TOKENS": "120"}
-    first, port_1 = processes.spawn("frontend")
-    _, port_2 = processes.spawn("frontend")
-    _, health = processes.spawn("worker", **slow)
+    first, port_1 = await processes.spawn("frontend")
+    _, port_2 = await processes.spawn("frontend")
+    _, health = await processes.spawn("worker", **slow)
     for port in (port_1, port_2):
         await wait_serving(port, READINESS_SERVICE)
     await wait_serving(health, WORKER_READY)
@@ -57,12 +59,11 @@ async def test_sigkill_of_a_frontend_mid_stream_is_invisible_to_reattaching_clie
             for e in await asyncio.gather(*(collect(client.stream(request(i))) for i in range(16)))
         ]
         received: list[list[chat_pb2.ChatEvent]] = [[] for _ in range(16)]
-
-        async def follow(i: int) -> None:
-            async for event in client.stream(request(i), timeout_s=60):
-                received[i].append(event)
-
-        streams = [asyncio.create_task(follow(i)) for i in range(16)]
+        # At the raw stub, reattaching by hand as ChatClient does, but keeping what the frontend sends:
+        # a resent delta must show as a repeated sequence.
+        streams = [
+            asyncio.create_task(follow_raw([port_1, port_2], request(i), received[i])) for i in range(16)
+        ]
         await until(lambda: all(sum(e.WhichOneof("event") == "delta" for e in r) >= 3 for r in received))
         first.send_signal(signal.SIGKILL)
         assert not any(r[-1].WhichOneof("event") == "finished" for r in received)
@@ -71,6 +72,35 @@ async def test_sigkill_of_a_frontend_mid_stream_is_invisible_to_reattaching_clie
     for events in received:
         check_continuous(events)
     assert [events_text(r) for r in received] == undisturbed
+
+
+async def follow_raw(
+    ports: list[int], request: chat_pb2.ChatRequest, received: list[chat_pb2.ChatEvent]
+) -> None:
+    """Start `request` on the first port; each time a stream breaks (UNAVAILABLE), reattach on the
+    next port after the last delta received. The reattached stream's `started` must name the same
+    request; every other event is kept in `received` as sent."""
+    request_id, last_sequence = "", 0
+    for port in ports:
+        message = raw_stream.reattach(request_id, last_sequence) if request_id else raw_stream.start(request)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = chat_pb2_grpc.ChatServiceStub(channel).ChatStream(message, timeout=60)
+            try:
+                async for event in call:
+                    kind = event.WhichOneof("event")
+                    if kind == "started" and request_id:
+                        assert event.started.request_id == request_id
+                        continue
+                    received.append(event)
+                    if kind == "started":
+                        request_id = event.started.request_id
+                    elif kind == "delta":
+                        last_sequence = event.delta.sequence
+                    else:
+                        return
+            except grpc.aio.AioRpcError as lost:
+                assert lost.code() == grpc.StatusCode.UNAVAILABLE, lost
+    raise AssertionError(f"no terminal event on any of {ports}")
 
 
 async def test_detached_request_runs_through_the_grace_then_frees_its_engine_slot(stack: Stack) -> None:
@@ -82,8 +112,10 @@ async def test_detached_request_runs_through_the_grace_then_frees_its_engine_slo
     request_id = (await anext(stream)).started.request_id
     await anext(stream)
     await stream.aclose()  # the caller is gone and never comes back
+    left_at = engine.emitted[request_id]
 
-    await asyncio.sleep(0.3)
+    # The request goes on generating without its caller (6 tokens at 20/s: well inside the grace).
+    await until(lambda: engine.emitted[request_id] >= left_at + 6)
     assert engine.running_count() == 1, "the request must outlive its caller for the grace"
     await until(lambda: engine.running_count() == 0)
     assert request_id in engine.aborted_ids
@@ -100,7 +132,8 @@ async def test_reattach_within_the_grace_keeps_the_request_alive(stack: Stack) -
     request_id = (await anext(stream)).started.request_id
     seen = [await anext(stream) for _ in range(3)]
     await stream.aclose()
-    await asyncio.sleep(0.2)
+    # Come back once the request went on without us: what it made meanwhile must reach us too.
+    await until(lambda: engine.emitted[request_id] >= seen[-1].delta.sequence + 5)
 
     rest = await collect(client.reattach(request_id, seen[-1].delta.sequence))
 
@@ -113,12 +146,12 @@ async def test_reattach_within_the_grace_keeps_the_request_alive(stack: Stack) -
 async def test_reattach_to_a_finished_request_replays_it(stack: Stack) -> None:
     frontend = await stack.frontend()
     await stack.worker()
-    client = stack.client(frontend)
-    original = await collect(client.stream(chat("once more")))
+    original = await raw_events(frontend.port, raw_stream.start(chat("once more")))
+    request_id = original[0].started.request_id
 
-    replay = await collect(client.reattach(original[0].started.request_id))
+    replay = await raw_events(frontend.port, raw_stream.reattach(request_id))
     assert replay == original
-    tail = await collect(client.reattach(original[0].started.request_id, last_sequence=5))
+    tail = await raw_events(frontend.port, raw_stream.reattach(request_id, last_sequence=5))
     assert [e.delta.sequence for e in tail if e.WhichOneof("event") == "delta"] == list(range(6, 13))
 
 

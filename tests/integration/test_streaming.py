@@ -122,7 +122,11 @@ async def test_client_retry_waits_out_a_full_queue(stack: Stack) -> None:
     first = asyncio.create_task(_collect(client.stream(chat("first"))))
     await until(lambda: backlog(stack) == 1)
     second = asyncio.create_task(client.chat(chat("second")))
-    await asyncio.sleep(0.5)  # the second is being refused and retried meanwhile
+    assert frontend.metrics is not None
+    registry = frontend.metrics.registry
+    full = {"pool": "default", "band": "normal", "result": "full"}
+    # The second is refused, and retried and refused again, while the first holds the queue.
+    await until(lambda: (registry.get_sample_value("mistral_serve_queue_admissions_total", full) or 0) >= 2)
     assert not second.done()
 
     await stack.worker()

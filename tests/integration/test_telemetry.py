@@ -5,8 +5,8 @@ here (process starts are the expensive part); each test finds its own request's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mistral_serve.common import keys
 from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
-from tests.conftest import REPO, Processes, RedisServer, free_port
-from tests.support.health import wait_serving
+from tests.conftest import REPO, Processes, RedisServer
 from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.requests import chat
+from tests.support.waiting import until
 
 MODEL = "mistral-small-under-test"
 # Where the weights are is not what the model is called: spans and metrics name the folder's model.
@@ -44,7 +44,7 @@ class TracedStack:
 
 
 @pytest.fixture(scope="module")
-def traced(redis_server: RedisServer) -> Iterator[TracedStack]:
+def traced(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TracedStack]:
     redis.Redis(port=redis_server.port).flushall()
     receiver = OtlpReceiver()
     env = dict(os.environ)
@@ -65,16 +65,15 @@ def traced(redis_server: RedisServer) -> Iterator[TracedStack]:
         "MISTRAL_SERVE_TRACE_CONTENT",
     ):
         env.pop(name, None)
-    processes = Processes(redis_server.url, env)
-    frontend_metrics, worker_metrics = free_port(), free_port()
+    processes = Processes(redis_server.url, env, tmp_path_factory.mktemp("traced"))
     try:
-        _, grpc_port = processes.spawn(
-            "frontend", health_interval_s="0.1", metrics_port=str(frontend_metrics)
+        frontend = asyncio.run(processes.start("frontend", health_interval_s="0.1"))
+        worker = asyncio.run(processes.start("worker", block_ms="200"))
+        asyncio.run(processes.launcher.ready(frontend))
+        asyncio.run(processes.launcher.ready(worker))
+        yield TracedStack(
+            receiver, frontend.ports["grpc"], frontend.ports["metrics"], worker.ports["metrics"]
         )
-        _, health_port = processes.spawn("worker", block_ms="200", metrics_port=str(worker_metrics))
-        asyncio.run(wait_serving(grpc_port, "mistral_serve.v1.ChatService"))
-        asyncio.run(wait_serving(health_port, "mistral_serve.worker"))
-        yield TracedStack(receiver, grpc_port, frontend_metrics, worker_metrics)
     finally:
         processes.stop_all()
         receiver.stop()
@@ -89,25 +88,25 @@ async def run_chat(
         return [event async for event in call]
 
 
-def trace_of(stack: TracedStack, request_id: str) -> dict[str, ReceivedSpan]:
+async def trace_of(stack: TracedStack, request_id: str) -> dict[str, ReceivedSpan]:
     """The four spans of the request's trace, by name, once all have arrived."""
-    server = wait_for_span(stack.receiver, SERVER_SPAN, request_id)
-    spans = stack.receiver.wait_for_trace(server.trace_id, ALL_SPANS)
+
+    def server_span(spans: list[ReceivedSpan]) -> ReceivedSpan | None:
+        return next(
+            (
+                s
+                for s in spans
+                if s.name == SERVER_SPAN and s.attributes.get("mistral_serve.request_id") == request_id
+            ),
+            None,
+        )
+
+    # The receiver blocks on a condition its exports signal: in a thread, so the event loop runs on.
+    server = await asyncio.to_thread(stack.receiver.wait_for, server_span)
+    spans = await asyncio.to_thread(stack.receiver.wait_for_trace, server.trace_id, ALL_SPANS)
     by_name = {span.name: span for span in spans}
     assert len(by_name) == len(spans), f"one span of each name expected: {spans}"
     return by_name
-
-
-def wait_for_span(
-    receiver: OtlpReceiver, name: str, request_id: str, timeout_s: float = 30.0
-) -> ReceivedSpan:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        for span in receiver.all_spans():
-            if span.name == name and span.attributes.get("mistral_serve.request_id") == request_id:
-                return span
-        time.sleep(0.05)
-    raise AssertionError(f"no {name} span for request {request_id}")
 
 
 def assert_one_chain(spans: dict[str, ReceivedSpan]) -> None:
@@ -132,7 +131,7 @@ async def test_one_trace_links_frontend_producer_consumer_and_generation(traced:
     finished = events[-1].finished
     assert events[-1].WhichOneof("event") == "finished"
 
-    spans = trace_of(traced, request_id)
+    spans = await trace_of(traced, request_id)
     assert_one_chain(spans)
     server, generation = spans[SERVER_SPAN], spans[GENERATION_SPAN]
     assert server.attributes["rpc.system"] == "grpc"
@@ -163,7 +162,7 @@ async def test_failed_request_trace_has_error_status_and_type(traced: TracedStac
     request_id = events[0].started.request_id
     assert events[-1].WhichOneof("event") == "error"
 
-    spans = trace_of(traced, request_id)
+    spans = await trace_of(traced, request_id)
     assert_one_chain(spans)
     generation, consumer, server = spans[GENERATION_SPAN], spans[CONSUMER_SPAN], spans[SERVER_SPAN]
     assert generation.is_error and consumer.is_error
@@ -180,7 +179,7 @@ async def test_callers_traceparent_is_the_parent_of_the_server_span(traced: Trac
     events = await run_chat(traced, chat("traced by the caller"), metadata)
     assert events[-1].WhichOneof("event") == "finished"
 
-    spans = {s.name: s for s in traced.receiver.wait_for_trace(trace_id, ALL_SPANS)}
+    spans = {s.name: s for s in await asyncio.to_thread(traced.receiver.wait_for_trace, trace_id, ALL_SPANS)}
     assert spans[SERVER_SPAN].parent_span_id == parent_id
     assert spans[SERVER_SPAN].attributes["mistral_serve.request_id"] == events[0].started.request_id
     assert_one_chain(spans)
@@ -191,7 +190,7 @@ async def test_message_contents_are_not_recorded_by_default(traced: TracedStack)
     events = await run_chat(traced, chat(f"{secret} is my password"))
     assert secret in "".join(e.delta.text for e in events)  # the scripted engine echoes the prompt
 
-    spans = trace_of(traced, events[0].started.request_id)
+    spans = await trace_of(traced, events[0].started.request_id)
     recorded = [str(span.attributes) + str(span.events) for span in spans.values()]
     assert all(secret not in text for text in recorded)
     assert "gen_ai.input.messages" not in spans[GENERATION_SPAN].attributes
@@ -221,11 +220,15 @@ async def test_metrics_of_both_processes_move_after_a_chat(traced: TracedStack) 
     # The worker counts the job right after its terminal event is written, which may be after the
     # caller has it: scrape until the count moved (or give up and let the assertions say what).
     jobs_key = ("mistral_serve_worker_jobs_total", (("code", "LENGTH"), ("outcome", "finished")))
-    for _ in range(100):
-        worker = scrape(traced.worker_metrics_port)
-        if worker.get(jobs_key, 0) > worker_before.get(jobs_key, 0):
-            break
-        await asyncio.sleep(0.05)
+    scraped = [worker_before]
+
+    def counted() -> bool:
+        scraped.append(scrape(traced.worker_metrics_port))
+        return scraped[-1].get(jobs_key, 0) > worker_before.get(jobs_key, 0)
+
+    with contextlib.suppress(AssertionError):
+        await until(counted, timeout_s=5)
+    worker = scraped[-1]
 
     method = {"door": "grpc", "method": "ChatStream"}
     assert (

@@ -1,7 +1,11 @@
 """A bounded soak: many concurrent streams against a frontend and two workers, a worker killed
-(SIGKILL) and replaced at a steady pace, every stream checked token by token.
+(SIGKILL) and replaced at a steady pace, every stream checked token by token at the raw gRPC stub
+(no client library that would drop a resent delta for us).
 
     python -m tests.soak.run --duration 300 --streams 256 --kill-every 20      # make soak
+
+The run is bounded by its count of kills (duration / kill-every - 1): the load stops once the last
+replacement worker is serving and has finished streams of its own.
 
 Prints requests admitted, completed, failed by code, tokens lost and duplicated (both must be 0),
 time to first token p50/p99 and the longest pause inside a stream (the recovery a caller felt).
@@ -15,8 +19,6 @@ import asyncio
 import collections
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,13 +27,12 @@ from pathlib import Path
 
 import grpc
 
-from mistral_serve.client import ChatClient
+from devtools.local_stack import Child, LocalStack
 from mistral_serve.frontend.errors import grpc_code
-from mistral_serve.frontend.health import READINESS_SERVICE
-from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READY
-from tests.conftest import REPO, free_port, start_redis
-from tests.support.health import wait_serving
+from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
+from tests.conftest import REPO
 from tests.support.requests import chat
+from tests.support.waiting import until
 
 TOKENS = 40
 
@@ -70,7 +71,9 @@ def expected_words(prompt: str) -> list[str]:
     return (prompt.split() + [f"w{i}" for i in range(1, TOKENS + 1)])[:TOKENS]
 
 
-async def one_stream(client: ChatClient, prompt: str, tally: Tally, timeout_s: float) -> None:
+async def one_stream(
+    stub: chat_pb2_grpc.ChatServiceAsyncStub, prompt: str, tally: Tally, timeout_s: float
+) -> None:
     start = time.monotonic()
     last_at = start
     sequence = 0
@@ -78,7 +81,7 @@ async def one_stream(client: ChatClient, prompt: str, tally: Tally, timeout_s: f
     request = chat(prompt)
     request.sampling.temperature = 0.0
     try:
-        async for event in client.stream(request, timeout_s=timeout_s):
+        async for event in stub.ChatStream(chat_pb2.ChatStreamRequest(request=request), timeout=timeout_s):
             kind = event.WhichOneof("event")
             now = time.monotonic()
             if kind == "started":
@@ -106,72 +109,62 @@ async def one_stream(client: ChatClient, prompt: str, tally: Tally, timeout_s: f
         tally.failed[error.code().name] += 1
 
 
-def spawn(kind: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", f"mistral_serve.{kind}"], env=env, stderr=subprocess.DEVNULL
+async def soak(kills: int, streams: int, kill_every_s: float, rate: float) -> Tally:
+    """`kills` worker kills, at least `kill_every_s` apart and each after streams finished since the
+    last one (so that every kill hits a worker under load), with `streams` streams running throughout."""
+    launcher = LocalStack(
+        {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "MISTRAL_SERVE_ENGINE": "tests.support.scripted_engine:from_env",
+            "MISTRAL_SERVE_MAX_BACKLOG": str(streams * 2),
+            "MISTRAL_SERVE_WORKER_MAX_INFLIGHT": str(streams),
+            "MISTRAL_SERVE_LEASE_MS": "1500",
+            "MISTRAL_SERVE_LOG_FORMAT": "json",
+            "SCRIPTED_TOKENS_PER_S": str(rate),
+            "SCRIPTED_TOKENS": str(TOKENS),
+        },
+        Path(tempfile.mkdtemp(prefix="soak-")),
     )
-
-
-async def soak(duration_s: float, streams: int, kill_every_s: float, rate: float) -> Tally:
-    tmp = Path(tempfile.mkdtemp(prefix="soak-"))
-    redis_server = start_redis(tmp)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "MISTRAL_SERVE_REDIS_URL": redis_server.url,
-        "MISTRAL_SERVE_ENGINE": "tests.support.scripted_engine:from_env",
-        "MISTRAL_SERVE_GRPC_HOST": "127.0.0.1",
-        "MISTRAL_SERVE_HEALTH_HOST": "127.0.0.1",
-        "MISTRAL_SERVE_METRICS_PORT": "off",
-        "MISTRAL_SERVE_HTTP_PORT": "off",
-        "MISTRAL_SERVE_MAX_BACKLOG": str(streams * 2),
-        "MISTRAL_SERVE_WORKER_MAX_INFLIGHT": str(streams),
-        "MISTRAL_SERVE_LEASE_MS": "1500",
-        "MISTRAL_SERVE_LOG_FORMAT": "json",
-        "SCRIPTED_TOKENS_PER_S": str(rate),
-        "SCRIPTED_TOKENS": str(TOKENS),
-    }
-    port = free_port()
-    frontend = spawn("frontend", {**env, "MISTRAL_SERVE_GRPC_PORT": str(port)})
-
-    async def start_worker() -> subprocess.Popen[bytes]:
-        health = free_port()
-        worker = spawn("worker", {**env, "MISTRAL_SERVE_HEALTH_PORT": str(health)})
-        await wait_serving(health, WORKER_READY)
-        return worker
-
-    workers = [await start_worker(), await start_worker()]
     tally = Tally()
     try:
-        await wait_serving(port, READINESS_SERVICE)
-        end = time.monotonic() + duration_s
-        async with ChatClient(f"127.0.0.1:{port}", max_attempts=10) as client:
+        launcher.env["MISTRAL_SERVE_REDIS_URL"] = launcher.start_redis().url
+        frontend = launcher.start("frontend", metrics_port="off")
+
+        async def start_worker() -> Child:
+            worker = launcher.start("worker", metrics_port="off")
+            await launcher.ready(worker)
+            return worker
+
+        workers = [await start_worker(), await start_worker()]
+        await launcher.ready(frontend)
+        load_done = asyncio.Event()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{frontend.ports['grpc']}") as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
 
             async def loop(index: int) -> None:
                 n = 0
-                while time.monotonic() < end:
+                while not load_done.is_set():
                     n += 1
-                    await one_stream(client, f"soak {index} {n}", tally, timeout_s=60)
+                    await one_stream(stub, f"soak {index} {n}", tally, timeout_s=60)
 
             async def killer() -> None:
-                while time.monotonic() + kill_every_s < end:
-                    await asyncio.sleep(kill_every_s)
+                for _ in range(kills + 1):  # the last round only lets the last replacement finish streams
+                    completed = tally.completed
+                    await asyncio.sleep(kill_every_s)  # the pace of the kills, not a wait for anything
+                    await until(lambda: tally.completed > completed, timeout_s=120)  # noqa: B023
+                    if tally.worker_kills == kills:
+                        break
                     victim = workers.pop(0)
-                    victim.send_signal(signal.SIGKILL)
-                    await asyncio.to_thread(victim.wait)
+                    victim.process.kill()
+                    await asyncio.to_thread(victim.process.wait)
                     tally.worker_kills += 1
                     workers.append(await start_worker())
+                load_done.set()
 
             await asyncio.gather(killer(), *(loop(i) for i in range(streams)))
     finally:
-        for process in [*workers, frontend]:
-            process.terminate()
-        for process in [*workers, frontend]:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        redis_server.stop()
+        launcher.stop_all(grace_s=60)
     return tally
 
 
@@ -184,7 +177,8 @@ def main() -> None:
     parser.add_argument("--kill-every", type=float, default=20.0, help="seconds between worker kills")
     parser.add_argument("--rate", type=float, default=20.0, help="tokens/s of each stream in the engine")
     args = parser.parse_args()
-    tally = asyncio.run(soak(args.duration, args.streams, args.kill_every, args.rate))
+    kills = max(int(args.duration // args.kill_every) - 1, 1)
+    tally = asyncio.run(soak(kills, args.streams, args.kill_every, args.rate))
     print(json.dumps(tally.report(), indent=2))
     if tally.tokens_lost or tally.tokens_duplicated or tally.failed:
         sys.exit(1)

@@ -1,35 +1,23 @@
-"""Waiting on grpc.health.v1 from tests."""
+"""Waiting on grpc.health.v1 from tests (the launcher's own waits, devtools.local_stack)."""
 
 from __future__ import annotations
 
-import asyncio
+from grpc_health.v1 import health_pb2
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from devtools.local_stack import health_status as status_of
+from devtools.local_stack import wait_for_health
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# What status_of reads while the server takes no RPC at all (stopped, or stopping).
+NO_ANSWER = health_pb2.HealthCheckResponse.UNKNOWN
 
-
-async def status_of(port: int, service: str) -> int:
-    """The service's health status now; UNKNOWN (0) while the server does not answer."""
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=1
-            )
-        except grpc.aio.AioRpcError:
-            return int(health_pb2.HealthCheckResponse.UNKNOWN)
-        return int(reply.status)
+__all__ = ["NOT_SERVING", "NO_ANSWER", "SERVING", "status_of", "wait_for_status", "wait_serving"]
 
 
 async def wait_for_status(port: int, service: str, wanted: int, timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout_s
-    while (current := await status_of(port, service)) != wanted:
-        assert loop.time() < end, f"{service!r} on port {port} stayed {current}, wanted {wanted}"
-        await asyncio.sleep(0.05)
+    await wait_for_health(port, service, wanted, timeout_s)
 
 
 async def wait_serving(port: int, service: str, timeout_s: float = 60.0) -> None:
-    await wait_for_status(port, service, SERVING, timeout_s)
+    await wait_for_health(port, service, SERVING, timeout_s)

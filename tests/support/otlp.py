@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
+
+T = TypeVar("T")
 
 SPAN_KINDS = {
     trace_pb2.Span.SPAN_KIND_SERVER: "server",
@@ -119,15 +122,25 @@ class OtlpReceiver:
         with self._store.changed:
             return list(self._store.spans)
 
-    def wait_for_trace(self, trace_id: str, names: set[str], timeout_s: float = 30.0) -> list[ReceivedSpan]:
-        """The spans of `trace_id`, once one span of each name in `names` has arrived."""
+    def wait_for(self, found: Callable[[list[ReceivedSpan]], T | None], timeout_s: float = 30.0) -> T:
+        """What `found` returns from the spans received so far, once it is not None; woken by each
+        export, not by a timer. Blocking: call it from a thread (`asyncio.to_thread`) in async tests."""
         end = time.monotonic() + timeout_s
         with self._store.changed:
-            while True:
-                spans = [s for s in self._store.spans if s.trace_id == trace_id]
-                if names <= {s.name for s in spans}:
-                    return spans
+            while (result := found(self._store.spans)) is None:
                 left = end - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"spans {names} of trace {trace_id} did not all arrive: {spans}")
+                    raise AssertionError(
+                        f"not received in {timeout_s:.0f}s; spans so far: {self._store.spans}"
+                    )
                 self._store.changed.wait(left)
+            return result
+
+    def wait_for_trace(self, trace_id: str, names: set[str], timeout_s: float = 30.0) -> list[ReceivedSpan]:
+        """The spans of `trace_id`, once one span of each name in `names` has arrived."""
+
+        def complete(spans: list[ReceivedSpan]) -> list[ReceivedSpan] | None:
+            of_trace = [s for s in spans if s.trace_id == trace_id]
+            return of_trace if names <= {s.name for s in of_trace} else None
+
+        return self.wait_for(complete, timeout_s)

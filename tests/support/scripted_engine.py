@@ -7,6 +7,7 @@ the same text on any worker. It records what reached it, so tests can see aborts
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from collections.abc import AsyncIterator
 
@@ -20,7 +21,10 @@ class ScriptedEngine:
         self.interval_s = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
         self.default_tokens = default_tokens
         self.started_ids: list[str] = []
+        self.requests: list[EngineRequest] = []  # every request that reached generate, as it came
         self.aborted_ids: list[str] = []
+        # Tokens generated so far, by request id: what tests wait on to see a request go on.
+        self.emitted: collections.Counter[str] = collections.Counter()
         self._running: set[str] = set()
         self._ready = False
 
@@ -42,6 +46,7 @@ class ScriptedEngine:
         self._ready = False
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        self.requests.append(request)
         words, reason = script_for(request, self.default_tokens)
         if words and words[0] == "[fail]":
             raise EngineRequestError("the scripted engine refuses this prompt")
@@ -58,6 +63,7 @@ class ScriptedEngine:
                 if request.request_id not in self._running:
                     return
                 last = i == len(words) - 1
+                self.emitted[request.request_id] += 1
                 yield EngineOutput(
                     text=word if i == 0 else " " + word,
                     token_ids=(1000 + i,),

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 
+from mistral_serve.common.ports import report_ports
 from mistral_serve.common.redis_client import connect, refuse_evicting_redis
 from mistral_serve.common.telemetry import MetricsServer, get_tracer, serve_metrics
 from mistral_serve.v1 import chat_pb2_grpc
@@ -237,12 +239,21 @@ def image_fetcher(settings: FrontendSettings) -> ImageFetcher | None:
             timeout_s=settings.image_url_timeout_s,
             max_redirects=settings.image_url_max_redirects,
             limits=Limits.from_settings(settings).image,
-        )
+        ),
+        ssl=ssl.create_default_context(cafile=settings.image_url_ca_file)
+        if settings.image_url_ca_file
+        else True,
     )
 
 
 async def serve(settings: FrontendSettings, token_counter: TokenCounter | None = None) -> None:
     frontend = await start_frontend(settings, token_counter)
+    report_ports(
+        grpc=frontend.port,
+        http=frontend.http_port,
+        health=frontend.health_port,
+        metrics=frontend.metrics_port,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -59,6 +59,9 @@ class FrontendSettings(SharedSettings):
     image_url_timeout_s: float = 10.0
     # Redirects followed per image URL; only to the same host.
     image_url_max_redirects: int = 3
+    # PEM bundle of the CAs that https image URLs are verified against, in place of the system's
+    # (image hosts behind a private CA); unset: the system's CAs.
+    image_url_ca_file: str | None = None
     # Stop sequences: how many, and how long each (characters).
     max_stop_sequences: int = 16
     max_stop_sequence_chars: int = 256
@@ -125,6 +128,7 @@ class FrontendSettings(SharedSettings):
             image_url_allow_http=env_bool("IMAGE_URL_ALLOW_HTTP", cls.image_url_allow_http),
             image_url_allow_private=env_bool("IMAGE_URL_ALLOW_PRIVATE", cls.image_url_allow_private),
             image_url_timeout_s=env_float("IMAGE_URL_TIMEOUT_S", cls.image_url_timeout_s, minimum=0.1),
+            image_url_ca_file=env_opt_str("IMAGE_URL_CA_FILE"),
             image_url_max_redirects=env_int(
                 "IMAGE_URL_MAX_REDIRECTS", cls.image_url_max_redirects, minimum=0
             ),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis.asyncio as redis
 from opentelemetry import trace
 
+from mistral_serve.common.ports import report_ports
 from mistral_serve.common.redis_client import connect, refuse_evicting_redis
 from mistral_serve.common.telemetry import MetricsServer, get_tracer, serve_metrics
 
@@ -151,6 +152,7 @@ async def serve(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     worker = await start_worker(settings, load_engine(settings.engine))
+    report_ports(health=worker.health.port, metrics=worker.metrics_port)
     await stop.wait()
     log.info("draining: in-flight jobs get %.0fs", settings.drain_grace_s)
     await worker.stop()
