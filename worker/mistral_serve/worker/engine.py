@@ -15,6 +15,10 @@ class EngineRequestError(Exception):
     """The request cannot run on this engine (the caller's fault, e.g. over the context length)."""
 
 
+class EngineStopped(Exception):
+    """The engine went away under a request (it was shut down, or its process died)."""
+
+
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
     request_id: str
@@ -50,6 +54,9 @@ class Engine(Protocol):
 
     def running_count(self) -> int:
         """Requests the engine holds right now (running or waiting inside the engine)."""
+
+    def stopping(self) -> None:
+        """The worker is stopping: from now on the engine going away is expected, not an error."""
 
     async def shutdown(self) -> None:
         """Stop the engine and free its resources."""

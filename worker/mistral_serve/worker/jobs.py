@@ -11,7 +11,7 @@ from mistral_serve.v1 import chat_pb2
 from .engine import Engine, EngineFinishReason, EngineRequest
 from .events import EventWriter
 from .tool_calls import ToolCallStreamParser
-from .tracing import JobObservation
+from .tracing import JobObservation, WorkerTelemetry
 
 _FINISH_REASONS: dict[EngineFinishReason, chat_pb2.FinishReason.ValueType] = {
     "stop": chat_pb2.FINISH_REASON_STOP,
@@ -57,16 +57,23 @@ class _Unsent:
 
 
 async def generate_events(
-    engine: Engine, writer: EventWriter, queued: queue_pb2.QueuedRequest, resume: Resume | None = None
+    engine: Engine,
+    writer: EventWriter,
+    queued: queue_pb2.QueuedRequest,
+    telemetry: WorkerTelemetry,
+    *,
+    resume: Resume | None = None,
+    attempt: int = 1,
 ) -> chat_pb2.ChatEvent:
     """Stream `queued`'s deltas through `writer`; return the `finished` event (not yet written).
 
     With `resume`, the engine continues after the tokens already streamed, the parser is brought to
     the state it had then (by feeding it the raw text again, its output dropped: the caller has it),
-    and sequence numbers go on from the last one sent. The run is traced and measured (`tracing`).
+    and sequence numbers go on from the last one sent. The run is traced and measured (`tracing`) as
+    run number `attempt` of the job.
     """
     resumed_tokens = None if resume is None else len(resume.token_ids)
-    with JobObservation(queued, resumed_tokens=resumed_tokens) as job:
+    with JobObservation(queued, telemetry, attempt=attempt, resumed_tokens=resumed_tokens) as job:
         finished = await _generate(engine, writer, queued, resume or Resume(), job)
         job.finished(finished.finished)
         return finished

@@ -21,11 +21,18 @@ from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from mistral_serve.common.env import SettingError, env_bool, env_float, env_int, env_opt_str, env_str
 from mistral_serve.common.prompts import PromptBuilder, PromptError
 from mistral_serve.v1 import chat_pb2
-from mistral_serve.worker.engine import EngineFinishReason, EngineOutput, EngineRequest, EngineRequestError
+from mistral_serve.worker.engine import (
+    EngineFinishReason,
+    EngineOutput,
+    EngineRequest,
+    EngineRequestError,
+    EngineStopped,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,8 @@ DEFAULT_MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
 # The model card's recommended temperature, used when a request leaves it unset.
 DEFAULT_TEMPERATURE = 0.15
 DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+# Where vLLM logs its engine process's death (AsyncLLM's output loop).
+_VLLM_ASYNC_LLM_LOGGER = "vllm.v1.engine.async_llm"
 _FINISH_REASONS: dict[str, EngineFinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
@@ -108,6 +117,8 @@ class VllmEngine:
         self.settings = settings
         self._llm: AsyncLLM | None = None
         self._builder: PromptBuilder | None = None
+        self._stopping = False
+        logging.getLogger(_VLLM_ASYNC_LLM_LOGGER).addFilter(self._engine_death_record)
 
     @classmethod
     def from_env(cls) -> VllmEngine:
@@ -141,7 +152,23 @@ class VllmEngine:
         if self._llm is not None:
             await self._llm.abort(request_id)
 
+    def stopping(self) -> None:
+        self._stopping = True
+
+    def _engine_death_record(self, record: logging.LogRecord) -> bool:
+        """vLLM's output loop logs the engine process's death with a traceback that says nothing the
+        engine process did not log already: expected while the worker stops (dropped), one line else."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, EngineDeadError):
+            return True
+        if self._stopping:
+            return False
+        record.exc_info, record.exc_text = None, None
+        record.msg, record.args = "vLLM's engine process is gone (its own log says why)", ()
+        return True
+
     async def shutdown(self) -> None:
+        self._stopping = True
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
@@ -188,6 +215,8 @@ class VllmEngine:
                 )
         except VLLMClientError as exc:
             raise EngineRequestError(str(exc)) from exc
+        except EngineDeadError as exc:
+            raise EngineStopped("vLLM's engine process is gone") from exc
         finally:
             if not finished:
                 # Closing vLLM's generator aborts the request in the engine and frees its KV cache.
