@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mistral_serve.v1 import chat_pb2
 
-
 PROVIDER = "mistral_ai"
 OPERATION = "chat"
 
