@@ -140,7 +140,8 @@ class DyingEngine(ScriptedEngine):
 
     async def shutdown(self) -> None:
         assert self.consumer is not None
-        self.held_at_shutdown = self.consumer.inflight
+        if self.held_at_shutdown is None:
+            self.held_at_shutdown = self.consumer.inflight
         await super().shutdown()
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
