@@ -1,0 +1,66 @@
+"""A caller that stops reading a stream early, at a real frontend with a real Redis and a worker:
+the frontend's SERVER span still ends cleanly, and a ChatClient whose caller stops says so."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from mistral_serve.frontend.server import start_frontend
+from mistral_serve.frontend.settings import FrontendSettings
+from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
+from tests.integration.conftest import Stack
+from tests.support.requests import chat
+from tests.support.scripted_engine import ScriptedEngine
+from tests.support.waiting import until
+
+STREAM_METHOD = "mistral_serve.v1.ChatService/ChatStream"
+
+
+async def test_a_stream_closed_early_ends_its_server_span_without_a_context_error(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = FrontendSettings(
+        redis_url=stack.redis_url,
+        grpc_host="127.0.0.1",
+        grpc_port=0,
+        metrics_port=None,
+        health_interval_s=0.1,
+    )
+    frontend = await start_frontend(settings, tracer_provider=provider)
+    stack.frontends.append(frontend)
+    await stack.worker(ScriptedEngine(tokens_per_s=20, default_tokens=200))
+
+    def server_spans() -> list[object]:
+        return [
+            s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER and s.name == STREAM_METHOD
+        ]
+
+    with caplog.at_level(logging.ERROR):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{frontend.port}") as channel:
+            call = chat_pb2_grpc.ChatServiceStub(channel).ChatStream(
+                chat_pb2.ChatStreamRequest(request=chat("close me early")), timeout=30
+            )
+            async for event in call:
+                if event.WhichOneof("event") == "delta":
+                    break
+            call.cancel()
+            await until(lambda: len(server_spans()) == 1)
+
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")] == []
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert span.end_time is not None
+    assert span.attributes is not None
+    assert span.attributes["error.type"] == "CANCELLED"
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+    assert span.attributes["mistral_serve.request_id"]
+    assert [e.name for e in span.events] == ["first token"]
