@@ -4,6 +4,7 @@ the frontend's SERVER span still ends cleanly, and a ChatClient whose caller sto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -121,10 +122,14 @@ async def test_a_caller_that_leaves_after_the_end_cancels_nothing(stack: Stack) 
     await stack.worker(engine)
     redis = aioredis.Redis.from_url(stack.redis_url)
     events = []
-    async for event in stack.client(frontend).stream(chat("read me whole", max_tokens=3)):
-        events.append(event)
-        if event.WhichOneof("event") == "finished":
-            break  # the end was read: leaving now is no cancel
+    # Closed at once on leaving (not later, by the collector): what it sends on closing is sent by then.
+    async with contextlib.aclosing(
+        stack.client(frontend).stream(chat("read me whole", max_tokens=3))
+    ) as stream:
+        async for event in stream:
+            events.append(event)
+            if event.WhichOneof("event") == "finished":
+                break  # the end was read: leaving now is no cancel
     assert events[-1].WhichOneof("event") == "finished"
     assert not await redis.exists(keys.cancel_flag(events[0].started.request_id))
     await redis.aclose()
