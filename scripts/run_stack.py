@@ -90,6 +90,9 @@ def main() -> None:
         raise SystemExit("redis-server is missing: run scripts/install_system_deps.sh (make setup does)")
     redis_port = free_port()
     env = stack_env(args, redis_port)
+    # Each child in a process group of its own: a terminal's Ctrl-C then reaches only this launcher,
+    # which stops them in order (below). Sent to them all at once, it would take Redis and vLLM's
+    # engine processes down under the worker's drain.
     children = [
         subprocess.Popen(
             [
@@ -104,10 +107,11 @@ def main() -> None:
                 "no",
                 "--loglevel",
                 "warning",
-            ]
+            ],
+            process_group=0,
         ),
-        subprocess.Popen([sys.executable, "-m", "mistral_serve.frontend"], env=env),
-        subprocess.Popen([sys.executable, "-m", "mistral_serve.worker"], env=env),
+        subprocess.Popen([sys.executable, "-m", "mistral_serve.frontend"], env=env, process_group=0),
+        subprocess.Popen([sys.executable, "-m", "mistral_serve.worker"], env=env, process_group=0),
     ]
     try:
         asyncio.run(wait_ready(args.port, "mistral_serve.v1.ChatService", 60))
