@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import redis
 
@@ -26,7 +27,7 @@ NOT_CLEAN = ("Traceback", "EngineDeadError", " ERROR ", "CRITICAL")
 def test_a_stop_under_a_running_request_is_clean_and_leaves_the_job_unacked(
     tiny_model_env: dict[str, str], redis_url: str, tmp_path: Path
 ) -> None:
-    client = redis.Redis.from_url(redis_url)
+    client: redis.Redis = redis.Redis.from_url(redis_url)
     stream = keys.request_stream("default")
     client.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
     queued = queue_pb2.QueuedRequest(
@@ -59,7 +60,7 @@ def test_a_stop_under_a_running_request_is_clean_and_leaves_the_job_unacked(
         )
     try:
         end = time.monotonic() + 300
-        while client.xlen(keys.events_stream("stopped-mid-run")) < 2:  # the engine is generating
+        while cast(int, client.xlen(keys.events_stream("stopped-mid-run"))) < 2:  # the engine is generating
             assert worker.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < end, "the request never started"
             time.sleep(0.2)
@@ -77,5 +78,5 @@ def test_a_stop_under_a_running_request_is_clean_and_leaves_the_job_unacked(
         -4000:
     ]
     # Not finished here: still pending in the group, for another worker to resume.
-    assert client.xpending(stream, keys.WORKER_GROUP)["pending"] == 1
+    assert cast(dict[str, Any], client.xpending(stream, keys.WORKER_GROUP))["pending"] == 1
     client.close()

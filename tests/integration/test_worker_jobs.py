@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -43,7 +44,7 @@ class Follower:
         )
         self.done = asyncio.ensure_future(self._gather(call))
 
-    async def _gather(self, call: AsyncIterator[chat_pb2.ChatEvent]) -> None:
+    async def _gather(self, call: grpc.aio.UnaryStreamCall[Any, chat_pb2.ChatEvent]) -> None:
         async for event in call:
             self.events.append(event)
 
@@ -121,9 +122,9 @@ async def test_a_resumed_run_reports_attempt_two(stack: Stack) -> None:
         for event in span.events
         if event.name == "started"
     ]
-    assert sorted(s["mistral_serve.attempt"] for s in started) == [1, 2]
+    assert sorted(cast(int, s["mistral_serve.attempt"]) for s in started) == [1, 2]
     resumed = next(s for s in started if s["mistral_serve.attempt"] == 2)
-    assert int(resumed["mistral_serve.resumed_tokens"]) >= 3
+    assert cast(int, resumed["mistral_serve.resumed_tokens"]) >= 3
 
 
 class DyingEngine(ScriptedEngine):

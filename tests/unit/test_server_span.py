@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -35,7 +35,7 @@ class ServicerContext:
         return None
 
 
-async def endless_stream(request: Any, context: Any) -> AsyncIterator[chat_pb2.ChatEvent]:
+async def endless_stream(request: Any, context: Any) -> AsyncGenerator[chat_pb2.ChatEvent, None]:
     yield chat_pb2.ChatEvent(started=chat_pb2.Started(request_id="r1"))
     sequence = 0
     while True:
@@ -53,7 +53,7 @@ async def test_a_stream_closed_from_another_task_ends_its_span_without_a_context
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     owner = ServerTelemetry(get_tracer(provider), FrontendMetrics("default"))
     call = _Call(owner, "/mistral_serve.v1.ChatService/ChatStream", ())
-    stream = call.stream(endless_stream)(None, ServicerContext())
+    stream = call.stream(endless_stream)(None, cast(Any, ServicerContext()))
 
     async def first_two() -> None:
         await stream.__anext__()
