@@ -179,9 +179,9 @@ class Consumer:
             log.error("dropping unreadable queue entry %s of %s", ref.entry_id, ref.stream)
             queued = None
         # An unreadable entry is a job too (with no request id) while its ack runs: it holds a slot.
-        job = Job(ref, queued or queue_pb2.QueuedRequest())
+        job = Job(ref, queue_pb2.QueuedRequest() if queued is None else queued)
         self._jobs[ref] = job
-        job.task = loop.create_task(self._run_job(job, claimed=claimed) if queued else self._ack(ref))
+        job.task = loop.create_task(self._ack(ref) if queued is None else self._run_job(job, claimed=claimed))
         job.task.add_done_callback(lambda task: self._job_done(job, task))
 
     def _job_done(self, job: Job, task: asyncio.Task[None]) -> None:
