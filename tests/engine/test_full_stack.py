@@ -48,9 +48,6 @@ class SessionEngine:
     def running_count(self) -> int:
         return self._engine.running_count()
 
-    def stopping(self) -> None:
-        """The session's engine goes on for the other tests."""
-
     async def shutdown(self) -> None:
         """Left to the session fixture."""
 

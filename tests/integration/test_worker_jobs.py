@@ -132,12 +132,8 @@ class DyingEngine(ScriptedEngine):
 
     def __init__(self) -> None:
         super().__init__(tokens_per_s=50, default_tokens=60)
-        self.dead = False
         self.consumer: Consumer | None = None
         self.held_at_shutdown: int | None = None
-
-    def stopping(self) -> None:
-        self.dead = True
 
     async def shutdown(self) -> None:
         assert self.consumer is not None
@@ -147,7 +143,7 @@ class DyingEngine(ScriptedEngine):
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         async for out in super().generate(request):
-            if self.dead:
+            if self.consumer is not None and not self.consumer.claiming:  # the stop began
                 raise EngineStopped("vLLM's engine process is gone")
             yield out
 

@@ -38,9 +38,6 @@ class ScriptedEngine:
             self.aborted_ids.append(request_id)
             self._running.discard(request_id)
 
-    def stopping(self) -> None:
-        pass
-
     async def shutdown(self) -> None:
         self._ready = False
 

@@ -59,15 +59,10 @@ class Worker:
     def metrics_port(self) -> int | None:
         return None if self.metrics_server is None else self.metrics_server.port
 
-    def stopping(self) -> None:
-        """Called as soon as a stop is asked (the signal): no new jobs, and the engine may go from now on."""
-        self.consumer.stop_claiming()
-        self.engine.stopping()
-
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain, in this order: stop claiming, give running jobs `grace_s` and leave the rest unacked
         for other workers, stop the loops around them, and only then shut the engine."""
-        self.stopping()
+        self.consumer.stop_claiming()
         await self.health.drain()
         await self.consumer.drain(self.settings.drain_grace_s if grace_s is None else grace_s)
         for task in self.tasks:
@@ -159,7 +154,7 @@ async def serve(settings: WorkerSettings) -> None:
         # may be gone before the drain starts; jobs that see it go must know the worker is stopping.
         loop.add_signal_handler(sig, _stop_now, worker, stop)
     if stop.is_set():
-        worker.stopping()
+        worker.consumer.stop_claiming()
     await stop.wait()
     log.info("draining: in-flight jobs get %.0fs", settings.drain_grace_s)
     await worker.stop()
@@ -167,5 +162,5 @@ async def serve(settings: WorkerSettings) -> None:
 
 
 def _stop_now(worker: Worker, stop: asyncio.Event) -> None:
-    worker.stopping()
+    worker.consumer.stop_claiming()
     stop.set()

@@ -65,6 +65,10 @@ class Consumer:
         self._claiming = True
 
     @property
+    def claiming(self) -> bool:
+        return self._claiming
+
+    @property
     def inflight(self) -> int:
         return len(self._jobs)
 
@@ -269,7 +273,7 @@ class Consumer:
         except EngineRequestError as exc:
             return error_event(code_pb2.INVALID_ARGUMENT, str(exc))
         except EngineStopped as exc:
-            if not self._claiming:  # expected: the engine goes with the worker
+            if not self._claiming:  # expected: the engine goes with the worker (Ctrl-C reaches both)
                 log.info("request %s: %s as the worker stops; left for another worker", job.request_id, exc)
                 raise HandBack() from exc
             log.error("request %s: %s", job.request_id, exc)

@@ -55,8 +55,5 @@ class Engine(Protocol):
     def running_count(self) -> int:
         """Requests the engine holds right now (running or waiting inside the engine)."""
 
-    def stopping(self) -> None:
-        """The worker is stopping: from now on the engine going away is expected, not an error."""
-
     async def shutdown(self) -> None:
         """Stop the engine and free its resources."""

@@ -152,12 +152,9 @@ class VllmEngine:
         if self._llm is not None:
             await self._llm.abort(request_id)
 
-    def stopping(self) -> None:
-        self._stopping = True
-
     def _engine_death_record(self, record: logging.LogRecord) -> bool:
         """vLLM's output loop logs the engine process's death with a traceback that says nothing the
-        engine process did not log already: expected while the worker stops (dropped), one line else."""
+        engine process did not log already: expected once `shutdown` began (dropped), one line else."""
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, EngineDeadError):
             return True
