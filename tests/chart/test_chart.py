@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from mistral_serve.common import keys
+from mistral_serve.common.telemetry import OTLP_PROTOCOLS
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "mistral-serve"
 EXAMPLES = sorted((CHART_DIR / "examples").glob("*-values.yaml"))
@@ -788,6 +789,17 @@ def test_service_monitors_scrape_the_metrics_ports(chart: helm.Chart) -> None:
         deployment = one(objects, "Deployment", f"{FULLNAME}-{component}")
         ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
         assert str(ports["metrics"]) == env_value(deployment, "MISTRAL_SERVE_METRICS_PORT")
+
+
+def test_otel_protocol_allows_exactly_what_the_services_export(chart: helm.Chart) -> None:
+    # A protocol the code refuses would leave tracing off in every pod: the schema must refuse it first.
+    for protocol in OTLP_PROTOCOLS:
+        chart.validate_schema(chart.merge_values({"otel": {"protocol": protocol}}))
+    for protocol in ("http/json", "http"):
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema(chart.merge_values({"otel": {"protocol": protocol}}))
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    assert tuple(schema["properties"]["otel"]["properties"]["protocol"]["enum"]) == OTLP_PROTOCOLS
 
 
 def test_otel_settings_reach_both_processes(chart: helm.Chart) -> None:

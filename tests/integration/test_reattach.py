@@ -33,6 +33,19 @@ async def collect(stream: object) -> list[chat_pb2.ChatEvent]:
     return [e async for e in stream]  # type: ignore[attr-defined]
 
 
+async def follow_then_drop(port: int, text: str, deltas: int) -> tuple[str, list[chat_pb2.ChatEvent]]:
+    """Start a stream at the raw stub, read `deltas` deltas, then drop the connection (no CancelChat, as
+    a lost network or a killed caller would): the request id and the deltas read."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = chat_pb2_grpc.ChatServiceStub(channel).ChatStream(
+            chat_pb2.ChatStreamRequest(request=chat(text)), timeout=60
+        )
+        request_id = (await call.read()).started.request_id
+        seen = [await call.read() for _ in range(deltas)]
+        call.cancel()
+    return request_id, seen
+
+
 def check_continuous(events: list[chat_pb2.ChatEvent]) -> None:
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds.count("started") == 1 and kinds[0] == "started"
@@ -108,10 +121,7 @@ async def test_detached_request_runs_through_the_grace_then_frees_its_engine_slo
     engine = ScriptedEngine(tokens_per_s=20, default_tokens=1000)
     await stack.worker(engine, attach_check_interval_s=0.05)
     client = stack.client(frontend)
-    stream = client.stream(chat("walk away"))
-    request_id = (await anext(stream)).started.request_id
-    await anext(stream)
-    await stream.aclose()  # the caller is gone and never comes back
+    request_id, _ = await follow_then_drop(frontend.port, "walk away", 1)  # and never comes back
     left_at = engine.emitted[request_id]
 
     # The request goes on generating without its caller (6 tokens at 20/s: well inside the grace).
@@ -128,10 +138,7 @@ async def test_reattach_within_the_grace_keeps_the_request_alive(stack: Stack) -
     engine = ScriptedEngine(tokens_per_s=50, default_tokens=100)
     await stack.worker(engine, attach_check_interval_s=0.05)
     client = stack.client(frontend)
-    stream = client.stream(chat("come back"))
-    request_id = (await anext(stream)).started.request_id
-    seen = [await anext(stream) for _ in range(3)]
-    await stream.aclose()
+    request_id, seen = await follow_then_drop(frontend.port, "come back", 3)
     # Come back once the request went on without us: what it made meanwhile must reach us too.
     await until(lambda: engine.emitted[request_id] >= seen[-1].delta.sequence + 5)
 

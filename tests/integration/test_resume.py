@@ -9,11 +9,14 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 
 from mistral_serve.common import keys
+from mistral_serve.common.telemetry import get_tracer
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
 from mistral_serve.worker.engine import EngineOutput, EngineRequest
 from mistral_serve.worker.events import EventWriter
 from mistral_serve.worker.jobs import Resume, generate_events
+from mistral_serve.worker.metrics import WorkerMetrics
+from mistral_serve.worker.tracing import WorkerTelemetry
 from tests.support.requests import chat
 
 CHUNKS = [
@@ -55,7 +58,8 @@ async def run(redis_url: str, request_id: str, resume: Resume | None = None) -> 
     writer = EventWriter(client, ttl_s=60, interval_s=0.001, max_events=1)
     flusher = asyncio.create_task(writer.run())
     queued = queue_pb2.QueuedRequest(request_id=request_id, request=chat("weather?"))
-    finished = await generate_events(ChunkEngine(), writer, queued, resume)  # type: ignore[arg-type]
+    telemetry = WorkerTelemetry(get_tracer(), WorkerMetrics("m"))
+    finished = await generate_events(ChunkEngine(), writer, queued, telemetry, resume=resume)  # type: ignore[arg-type]
     await writer.emit_final(request_id, finished)
     flusher.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -135,7 +135,7 @@ async def test_client_retry_waits_out_a_full_queue(stack: Stack) -> None:
     assert (await second).text.startswith("second")
 
 
-async def test_client_cancel_aborts_the_job_in_the_engine_after_the_detach_grace(stack: Stack) -> None:
+async def test_a_caller_that_goes_away_aborts_the_job_in_the_engine(stack: Stack) -> None:
     frontend = await stack.frontend(detach_grace_s=0.3)
     engine = ScriptedEngine(tokens_per_s=50, default_tokens=1000)
     await stack.worker(engine, attach_check_interval_s=0.05)
@@ -145,7 +145,7 @@ async def test_client_cancel_aborts_the_job_in_the_engine_after_the_detach_grace
     started = await anext(stream)
     await anext(stream)  # a first delta: the job runs in the engine
     assert engine.running_count() == 1
-    await stream.aclose()  # the caller goes away
+    await stream.aclose()  # the caller goes away: ChatClient cancels it (test_early_close.py)
 
     request_id = started.started.request_id
     await until(lambda: request_id in engine.aborted_ids)

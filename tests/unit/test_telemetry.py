@@ -147,3 +147,21 @@ def test_metrics_port_reads_a_number_zero_or_off(
     else:
         monkeypatch.delenv("MISTRAL_SERVE_METRICS_PORT", raising=False)
     assert env_port_or_off("METRICS_PORT", 9090) == port
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317", "OTEL_TRACES_EXPORTER": "zipkin"},
+    ],
+)
+def test_tracing_asked_for_but_unsupported_is_off_with_an_error_naming_the_setting(
+    environ: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="mistral_serve.common.telemetry"):
+        assert build_tracer_provider(environ, "svc") is None
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR
+    named = "OTEL_EXPORTER_OTLP_PROTOCOL=http/json" if "OTEL_EXPORTER_OTLP_PROTOCOL" in environ else "zipkin"
+    assert "tracing is OFF" in record.getMessage() and named in record.getMessage()

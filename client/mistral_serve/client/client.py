@@ -1,8 +1,11 @@
-"""ChatClient: deadlines on every call, and a retry that waits as long as the service's RetryInfo says."""
+"""ChatClient: deadlines on every call, a retry that waits at least as long as the service's RetryInfo
+says (a little more, at random, so refused callers do not all come back at once), and a request
+cancelled in the service as soon as its caller stops reading it or is cancelled."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -19,6 +22,10 @@ from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
 _RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 # Codes of a stream broken under a running request (a frontend lost, a connection reset).
 _BROKEN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+# A retry after RetryInfo's delay waits up to this share of it more, at random.
+RETRY_JITTER = 0.5
+# How long the CancelChat sent for a caller that stopped may take.
+_CANCEL_TIMEOUT_S = 5.0
 
 
 def user_message(text: str) -> chat_pb2.Message:
@@ -67,10 +74,14 @@ class ChatClient:
 
         Before anything arrived, a refused request is sent again (RetryInfo's delay). After `started`,
         a stream that breaks (UNAVAILABLE, a reset, an end with no terminal event) is picked up again
-        by reattaching, on any frontend, after the last delta received: no gap, no duplicate.
+        by reattaching, on any frontend, after the last delta received: no gap, no duplicate. A caller
+        that stops iterating before the end, or whose task is cancelled, cancels the request.
         """
-        async for event in self._follow(chat_pb2.ChatStreamRequest(request=request), timeout_s):
-            yield event
+        async with contextlib.aclosing(
+            self._follow(chat_pb2.ChatStreamRequest(request=request), timeout_s)
+        ) as events:
+            async for event in events:
+                yield event
 
     async def reattach(
         self, request_id: str, last_sequence: int = 0, *, timeout_s: float | None = None
@@ -79,8 +90,9 @@ class ChatClient:
         first = chat_pb2.ChatStreamRequest(
             reattach=chat_pb2.Reattach(request_id=request_id, last_sequence=last_sequence)
         )
-        async for event in self._follow(first, timeout_s):
-            yield event
+        async with contextlib.aclosing(self._follow(first, timeout_s)) as events:
+            async for event in events:
+                yield event
 
     async def cancel(self, request_id: str) -> None:
         """End a request this caller started, attached or not; cancelling an ended one is fine too."""
@@ -94,6 +106,29 @@ class ChatClient:
         self, first: chat_pb2.ChatStreamRequest, timeout_s: float | None
     ) -> AsyncGenerator[chat_pb2.ChatEvent, None]:
         deadline = time.monotonic() + (timeout_s or self._timeout_s)
+        request_id = first.reattach.request_id or None
+        ended = False
+        try:
+            async with contextlib.aclosing(self._events(first, deadline)) as events:
+                async for event in events:
+                    kind = event.WhichOneof("event")
+                    if kind == "started":
+                        request_id = event.started.request_id
+                    ended = kind in ("finished", "error")
+                    yield event
+        except (GeneratorExit, asyncio.CancelledError):
+            # The caller meant it: end the request now rather than after the service's detach grace.
+            if request_id is not None and not ended:
+                await self._cancel_quietly(request_id)
+            raise
+
+    async def _cancel_quietly(self, request_id: str) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(self.cancel(request_id), _CANCEL_TIMEOUT_S)
+
+    async def _events(
+        self, first: chat_pb2.ChatStreamRequest, deadline: float
+    ) -> AsyncGenerator[chat_pb2.ChatEvent, None]:
         message = first
         request_id = first.reattach.request_id or None
         last_sequence = first.reattach.last_sequence
@@ -178,7 +213,8 @@ class ChatClient:
         """Sleep before the next attempt and return True, or return False when it must not retry."""
         if error.code() not in _RETRYABLE or attempt >= self._max_attempts:
             return False
-        delay = retry_delay(error) or self._backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+        asked = retry_delay(error)
+        delay = jittered(asked) if asked else self._backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
         if time.monotonic() + delay >= deadline:
             return False
         await asyncio.sleep(delay)
@@ -192,6 +228,11 @@ def _broken_stream() -> grpc.aio.AioRpcError:
         grpc.aio.Metadata(),
         "the stream ended with no terminal event",
     )
+
+
+def jittered(asked_s: float) -> float:
+    """RetryInfo's delay plus up to RETRY_JITTER of it, at random: never earlier than asked."""
+    return asked_s * (1.0 + RETRY_JITTER * random.random())
 
 
 def retry_delay(error: grpc.aio.AioRpcError) -> float | None:

@@ -5,7 +5,8 @@ Tracing is on when an OTLP endpoint is named (`OTEL_EXPORTER_OTLP_ENDPOINT` or
 `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) or `OTEL_TRACES_EXPORTER` asks for an exporter (`otlp`,
 `console`); otherwise nothing is installed and every span is the API's no-op. `OTEL_SDK_DISABLED=true`
 or `OTEL_TRACES_EXPORTER=none` turns it off. The exporter is OTLP/gRPC unless
-`OTEL_EXPORTER_OTLP_PROTOCOL` says `http/protobuf`; the sampler (`OTEL_TRACES_SAMPLER`/`_ARG`), the
+`OTEL_EXPORTER_OTLP_PROTOCOL` says `http/protobuf` (any other value turns tracing off, with an
+ERROR log saying why); the sampler (`OTEL_TRACES_SAMPLER`/`_ARG`), the
 batching (`OTEL_BSP_*`), headers and TLS are the SDK's own readings of the environment.
 """
 
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # The name under which both processes' spans are made (the instrumentation scope).
 SCOPE = "mistral_serve"
+# The OTLP protocols this build exports with; the chart's values.schema.json allows exactly these.
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+TRACES_EXPORTERS = ("otlp", "console", "none")
 
 
 def tracing_wanted(environ: Mapping[str, str]) -> bool:
@@ -42,12 +46,12 @@ def tracing_wanted(environ: Mapping[str, str]) -> bool:
 
 
 def span_exporter(environ: Mapping[str, str]) -> SpanExporter | None:
-    """The exporter the environment asks for; None (with a warning) for one this build cannot make."""
+    """The exporter the environment asks for; None (logged as an error) for one this build cannot make."""
     exporter = environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
     if exporter == "console":
         return ConsoleSpanExporter()
     if exporter != "otlp":
-        log.warning("OTEL_TRACES_EXPORTER=%s is not supported (otlp, console, none): no traces", exporter)
+        _tracing_off(f"OTEL_TRACES_EXPORTER={exporter} is not one of {', '.join(TRACES_EXPORTERS)}")
         return None
     protocol = (
         environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
@@ -64,8 +68,13 @@ def span_exporter(environ: Mapping[str, str]) -> SpanExporter | None:
         )
 
         return HttpSpanExporter()
-    log.warning("OTEL_EXPORTER_OTLP_PROTOCOL=%s is not supported (grpc, http/protobuf): no traces", protocol)
+    _tracing_off(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not one of {', '.join(OTLP_PROTOCOLS)}")
     return None
+
+
+def _tracing_off(reason: str) -> None:
+    """Tracing was asked for and cannot run: say so loudly, since no span will ever arrive."""
+    log.error("tracing is OFF although it was configured: %s", reason)
 
 
 def build_tracer_provider(environ: Mapping[str, str], default_service_name: str) -> TracerProvider | None:

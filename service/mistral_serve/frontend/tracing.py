@@ -11,11 +11,13 @@ counts as failed with that event's code, and the first delta gives the time to f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -111,20 +113,30 @@ class _Call:
 
         return wrapper
 
-    def stream(self, behavior: Callable[[Any, Context], AsyncIterator[Any]]) -> Callable[[Any, Context], Any]:
+    def stream(
+        self, behavior: Callable[[Any, Context], AsyncGenerator[Any, None]]
+    ) -> Callable[[Any, Context], Any]:
         async def wrapper(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.monotonic()
             span = self._start(context)
             error: str | None = None
             first_delta_seen = False
             last: Any = None
+            # The span is current only while the behaviour runs, never across a `yield`: gRPC may
+            # leave this generator suspended there and have it closed later from another task,
+            # whose context could not detach what this one attached.
+            in_span = trace.set_span_in_context(span)
+            responses = behavior(request, context)
             try:
-                with trace.use_span(span, end_on_exit=False, record_exception=False):
-                    async for response in behavior(request, context):
-                        if not first_delta_seen and isinstance(response, chat_pb2.ChatEvent):
-                            first_delta_seen = self._before_first_delta(response, span, started)
-                        last = response
-                        yield response
+                while True:
+                    try:
+                        response = await _in_context(in_span, anext(responses))
+                    except StopAsyncIteration:
+                        break
+                    if not first_delta_seen and isinstance(response, chat_pb2.ChatEvent):
+                        first_delta_seen = self._before_first_delta(response, span, started)
+                    last = response
+                    yield response
                 if isinstance(last, chat_pb2.ChatEvent) and last.WhichOneof("event") == "error":
                     error = code_name(last.error.code)
                     span.set_status(Status(StatusCode.ERROR, last.error.message))
@@ -132,6 +144,8 @@ class _Call:
                 error = _exception_error(exc, span)
                 raise
             finally:
+                with contextlib.suppress(Exception):
+                    await _in_context(in_span, responses.aclose())  # the behaviour's own cleanup
                 self._end(span, context, started, error)
 
         return wrapper
@@ -159,6 +173,15 @@ class _Call:
         self._metrics.requests.labels(DOOR, self.method, outcome, error or "OK").inc()
         self._metrics.duration.labels(DOOR, self.method).observe(time.monotonic() - started)
         self._metrics.inflight.labels(DOOR, self.method).dec()
+
+
+async def _in_context(ctx: otel_context.Context, step: Awaitable[Any]) -> Any:
+    """Await `step` with `ctx` current, attached and detached in this same context."""
+    token = otel_context.attach(ctx)
+    try:
+        return await step
+    finally:
+        otel_context.detach(token)
 
 
 def _final_code(context: Context, error: str | None) -> grpc.StatusCode:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import importlib
 import logging
 import signal
@@ -13,17 +12,19 @@ from dataclasses import dataclass
 import redis.asyncio as redis
 from opentelemetry import trace
 
+from mistral_serve.common import keys
 from mistral_serve.common.ports import report_ports
 from mistral_serve.common.redis_client import connect, refuse_evicting_redis
 from mistral_serve.common.telemetry import MetricsServer, get_tracer, serve_metrics
 
-from . import tracing
+from . import watchers
 from .consumer import Consumer
 from .engine import Engine
 from .events import EventWriter
 from .health import WorkerHealth
-from .metrics import CountingEventWriter, ObservedEngine, WorkerMetrics
+from .metrics import WorkerMetrics
 from .settings import WorkerSettings
+from .tracing import WorkerTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ class Worker:
         return None if self.metrics_server is None else self.metrics_server.port
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: stop claiming, give running jobs `grace_s`, leave the rest unacked."""
+        """Drain, in this order: stop claiming, give running jobs `grace_s` and leave the rest unacked
+        for other workers, stop the loops around them, and only then shut the engine."""
+        self.consumer.stop_claiming()
         await self.health.drain()
         await self.consumer.drain(self.settings.drain_grace_s if grace_s is None else grace_s)
         for task in self.tasks:
@@ -81,28 +84,36 @@ async def start_worker(
     """Start a worker; spans go to `tracer_provider` (tests), else to the process's global provider."""
     client = connect(settings.redis_url, settings.redis_password, max_connections=settings.max_inflight + 8)
     await refuse_evicting_redis(client)
-    metrics = WorkerMetrics(settings.served_model_name)
+    deep_health = settings.deep_health_interval_s > 0
+    metrics = WorkerMetrics(settings.served_model_name, deep_health=deep_health)
     health = WorkerHealth(
         client,
         engine,
         deep_timeout_s=settings.deep_health_timeout_s,
-        on_deep_check=lambda passed: metrics.deep_health.set(1 if passed else 0),
+        on_deep_check=metrics.deep_check_done,
     )
     await health.serve(settings.health_host, settings.health_port)
     loop = asyncio.get_running_loop()
     health_task = loop.create_task(health.run())
     await engine.start()
-    writer = CountingEventWriter(
+    writer = EventWriter(
         client,
-        metrics=metrics,
         ttl_s=settings.event_ttl_s,
         interval_s=settings.flush_interval_ms / 1000,
         max_events=settings.flush_max_events,
     )
+    telemetry = WorkerTelemetry(
+        get_tracer(tracer_provider),
+        metrics,
+        model=settings.served_model_name,
+        pool=settings.pool,
+        trace_content=settings.trace_content,
+    )
     consumer = Consumer(
         client,
-        ObservedEngine(engine, metrics),
+        engine,
         writer,
+        telemetry,
         pool=settings.pool,
         consumer_name=settings.consumer_name,
         max_inflight=settings.max_inflight,
@@ -112,27 +123,15 @@ async def start_worker(
     )
     await consumer.ensure_group()
     metrics.inflight.set_function(lambda: consumer.inflight)
-    # The tasks that start jobs carry the worker's telemetry to generate_events (see tracing.py).
-    jobs = contextvars.copy_context()
-    jobs.run(
-        tracing.bind,
-        tracing.WorkerTelemetry(
-            get_tracer(tracer_provider),
-            metrics,
-            model=settings.served_model_name,
-            pool=settings.pool,
-            trace_content=settings.trace_content,
-        ),
-    )
     tasks = [
         health_task,
         loop.create_task(writer.run()),
-        loop.create_task(consumer.listen_for_cancels()),
-        loop.create_task(consumer.run(), context=jobs.copy()),
-        loop.create_task(consumer.run_leases(), context=jobs.copy()),
-        loop.create_task(consumer.watch_attachments(settings.attach_check_interval_s)),
+        loop.create_task(consumer.run()),
+        loop.create_task(watchers.listen_for_cancels(client, keys.cancel_channel(settings.pool), consumer)),
+        loop.create_task(watchers.keep_leases(consumer.leases, consumer, consumer.streams)),
+        loop.create_task(watchers.watch_attachments(client, consumer, settings.attach_check_interval_s)),
     ]
-    if settings.deep_health_interval_s > 0:
+    if deep_health:
         tasks.append(loop.create_task(health.run_deep(settings.deep_health_interval_s)))
     metrics_server = None
     if settings.metrics_port is not None:
@@ -153,6 +152,18 @@ async def serve(settings: WorkerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     worker = await start_worker(settings, load_engine(settings.engine))
     report_ports(health=worker.health.port, metrics=worker.metrics_port)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        # At once, not after the loop gets to it: Ctrl-C reaches vLLM's engine process too, which
+        # may be gone before the drain starts; jobs that see it go must know the worker is stopping.
+        loop.add_signal_handler(sig, _stop_now, worker, stop)
+    if stop.is_set():
+        worker.consumer.stop_claiming()
     await stop.wait()
     log.info("draining: in-flight jobs get %.0fs", settings.drain_grace_s)
     await worker.stop()
+    log.info("worker %s stopped", settings.consumer_name)
+
+
+def _stop_now(worker: Worker, stop: asyncio.Event) -> None:
+    worker.consumer.stop_claiming()
+    stop.set()

@@ -2,7 +2,8 @@
 
 Each job ends with exactly one terminal event, written before the entry is acked and deleted
 (deleting keeps the stream's length equal to the pool's backlog, which admission reads). A job
-whose worker was lost is claimed here once its lease lapsed and resumed after what it streamed.
+whose worker was lost is claimed (`watchers.keep_leases`) once its lease lapsed and resumed after
+what it streamed. Each claimed entry is one `Job`; what may stop it is in `job.py`.
 """
 
 from __future__ import annotations
@@ -11,37 +12,27 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as redis
 from google.rpc import code_pb2
 from redis.exceptions import RedisError, ResponseError
 
 from mistral_serve.common import keys
+from mistral_serve.common.contract import error_event
+from mistral_serve.common.retry import Backoff
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
 
-from .engine import Engine, EngineRequestError
+from .engine import Engine, EngineRequestError, EngineStopped
 from .events import EventWriter
-from .jobs import Resume, error_event, generate_events
-from .leases import Leases
+from .job import EntryRef, HandBack, Job, LeaseLost, StopReason, stopped_event
+from .jobs import Resume, generate_events
+from .leases import Entry, Leases
+from .tracing import WorkerTelemetry
 
 log = logging.getLogger(__name__)
-
-# Why a running job was stopped.
-CANCELLED = "cancelled"
-DEADLINE = "deadline"
-LEASE_LOST = "lease lost"
-DETACHED = "detached"
-
-
-class _EntryRef(NamedTuple):
-    stream: str
-    entry_id: bytes
-
-
-class _LeaseLost(Exception):
-    """Another worker took this job over: this one must neither write nor ack anything more."""
 
 
 class Consumer:
@@ -50,6 +41,7 @@ class Consumer:
         client: redis.Redis,
         engine: Engine,
         writer: EventWriter,
+        telemetry: WorkerTelemetry,
         *,
         pool: str,
         consumer_name: str,
@@ -61,31 +53,38 @@ class Consumer:
         self._redis = client
         self._engine = engine
         self._writer = writer
-        self._streams = keys.request_streams(pool)  # highest band first
-        self._cancel_channel = keys.cancel_channel(pool)
+        self._telemetry = telemetry
+        self.streams = keys.request_streams(pool)  # highest band first
         self._name = consumer_name
         self._max_inflight = max_inflight
         self._block_ms = block_ms
         self._max_attempts = max_attempts
         self.leases = Leases(client, consumer_name=consumer_name, lease_ms=lease_ms)
-        # request id -> the task generating it
-        self._running: dict[str, asyncio.Task[chat_pb2.ChatEvent]] = {}
-        # request id -> why it was stopped
-        self._stop_reasons: dict[str, str] = {}
-        # job task -> its (stream, entry id), for leases
-        self._jobs: dict[asyncio.Task[None], _EntryRef] = {}
-        self._request_of_entry: dict[_EntryRef, str] = {}
-        # requests between their cancel check and their start
-        self._starting: set[str] = set()
+        self._jobs: dict[EntryRef, Job] = {}
+        # Jobs that ended unfinished because the worker stopped, for `drain` to hand back.
+        self._handed_back: list[EntryRef] = []
         self._slot_free = asyncio.Event()
         self._claiming = True
+
+    @property
+    def claiming(self) -> bool:
+        return self._claiming
 
     @property
     def inflight(self) -> int:
         return len(self._jobs)
 
+    def held(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    def find(self, request_id: str) -> Job | None:
+        return next((job for job in self._jobs.values() if job.request_id == request_id), None)
+
+    def free_slots(self) -> int:
+        return self._max_inflight - len(self._jobs) if self._claiming else 0
+
     async def ensure_group(self) -> None:
-        for stream in self._streams:
+        for stream in self.streams:
             try:
                 # From id 0: requests queued before any worker existed are served too.
                 await self._redis.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
@@ -95,81 +94,54 @@ class Consumer:
 
     async def run(self) -> None:
         """Claim and start new jobs until `stop_claiming`; Redis errors are retried with backoff."""
-        backoff = 0.05
+        backoff = Backoff()
         while self._claiming:
             free = await self._wait_for_slots()
             if not free:
                 continue
             try:
-                await self._read_new(free)
-                backoff = 0.05
+                await self.read_new(free)
+                backoff.reset()
             except RedisError as exc:
-                log.warning("cannot read the queue (%s); retrying in %.2fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                await backoff.wait(log, "reading the queue", exc)
                 with contextlib.suppress(RedisError):
                     await self.ensure_group()  # Redis may have restarted empty
                 continue
 
-    async def _read_new(self, free: int) -> None:
-        """Take up to `free` new jobs, higher bands first; block on all bands when none waits."""
-        for stream in self._streams:
-            reply = await self._redis.xreadgroup(keys.WORKER_GROUP, self._name, {stream: ">"}, count=free)
-            free -= self._start_all(reply, claimed=False)
-            if free <= 0:
-                return
-        if free == self._max_inflight - len(self._jobs):
+    async def read_new(self, free: int) -> int:
+        """Start up to `free` new jobs, higher bands first; block on all bands only when none waited."""
+        started = 0
+        for stream in self.streams:
+            reply = await self._redis.xreadgroup(
+                keys.WORKER_GROUP, self._name, {stream: ">"}, count=free - started
+            )
+            started += self._start_all(reply)
+            if started >= free:
+                return started
+        if started == 0:
             reply = await self._redis.xreadgroup(
                 keys.WORKER_GROUP,
                 self._name,
-                dict.fromkeys(self._streams, ">"),
+                dict.fromkeys(self.streams, ">"),
                 count=free,
                 block=self._block_ms,
             )
-            self._start_all(reply, claimed=False)
+            started += self._start_all(reply)
+        return started
 
-    def _start_all(self, reply: Any, *, claimed: bool) -> int:
+    def _start_all(self, reply: Any) -> int:
         started = 0
         for stream, entries in reply or []:
             name = stream.decode() if isinstance(stream, bytes) else stream
             for entry_id, fields in entries:
-                self._start(_EntryRef(name, entry_id), fields, claimed=claimed)
+                self._start(EntryRef(name, entry_id), fields, claimed=False)
                 started += 1
         return started
 
-    async def run_leases(self) -> None:
-        """Renew the leases of running jobs and take over jobs whose lease lapsed elsewhere."""
-        interval_s = self.leases.lease_ms / 3000
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self._renew()
-                for stream in self._streams:
-                    if self._claiming and (free := self._max_inflight - len(self._jobs)) > 0:
-                        lapsed = await self.leases.claim_lapsed(stream, free)
-                        self._start_all([(stream, lapsed)], claimed=True)
-            except RedisError as exc:
-                log.warning("lease upkeep failed: %s", exc)
-
-    async def watch_attachments(self, interval_s: float) -> None:
-        """Cancel running requests nobody has followed for their detach grace (their key lapsed)."""
-        while True:
-            await asyncio.sleep(interval_s)
-            request_ids = list(self._running)
-            if not request_ids:
-                continue
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for request_id in request_ids:
-                        pipe.exists(keys.attached_key(request_id))
-                    attached = await pipe.execute()
-            except RedisError as exc:
-                log.warning("cannot check attachments: %s", exc)
-                continue
-            for request_id, present in zip(request_ids, attached, strict=True):
-                if not present:
-                    log.info("request %s: nobody attached for its detach grace; cancelling", request_id)
-                    self.stop(request_id, DETACHED)
+    def start_claimed(self, stream: str, entries: Sequence[Entry]) -> None:
+        """Start jobs taken over from another worker (their lease lapsed)."""
+        for entry_id, fields in entries:
+            self._start(EntryRef(stream, entry_id), fields, claimed=True)
 
     def stop_claiming(self) -> None:
         self._claiming = False
@@ -178,175 +150,137 @@ class Consumer:
     async def drain(self, grace_s: float) -> None:
         """Let running jobs finish for `grace_s`, then stop the rest and hand them to other workers."""
         self.stop_claiming()
-        if self._jobs:
-            await asyncio.wait(set(self._jobs), timeout=grace_s)
-        unfinished = dict(self._jobs)
-        for task in unfinished:
-            task.cancel()
-        for task in unfinished:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for stream in self._streams:
-            entry_ids = [ref.entry_id for ref in unfinished.values() if ref.stream == stream]
+        tasks = {job.task for job in self._jobs.values() if job.task is not None}
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+        unfinished = list(self._jobs.values())
+        for job in unfinished:
+            if job.task is not None:
+                job.task.cancel()
+        for job in unfinished:
+            if job.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await job.task
+        refs = [job.ref for job in unfinished] + self._handed_back
+        for stream in self.streams:
+            entry_ids = [ref.entry_id for ref in refs if ref.stream == stream]
             with contextlib.suppress(RedisError):
                 await self.leases.hand_back(stream, entry_ids)
-        if unfinished:
-            log.info("handed %d unfinished jobs to other workers", len(unfinished))
-
-    async def listen_for_cancels(self) -> None:
-        """Abort running jobs whose request a frontend cancelled."""
-        while True:
-            try:
-                async with self._redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self._cancel_channel)
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            self.stop(message["data"].decode(), CANCELLED)
-            except RedisError as exc:
-                log.warning("cancel listener lost Redis (%s); resubscribing", exc)
-                await asyncio.sleep(0.5)
-
-    def stop(self, request_id: str, reason: str) -> None:
-        if request_id in self._starting:
-            self._stop_reasons[request_id] = reason
-            return
-        task = self._running.get(request_id)
-        if task is not None and not task.done():
-            self._stop_reasons[request_id] = reason
-            task.cancel()
+        if refs:
+            log.info("handed %d unfinished jobs to other workers", len(refs))
 
     async def _wait_for_slots(self) -> int:
-        while self._claiming and (free := self._max_inflight - len(self._jobs)) <= 0:
+        while self._claiming and self.free_slots() <= 0:
             self._slot_free.clear()
             await self._slot_free.wait()
-        return free if self._claiming else 0
+        return self.free_slots()
 
-    async def _renew(self) -> None:
-        for stream in self._streams:
-            entry_ids = [ref.entry_id for ref in self._jobs.values() if ref.stream == stream]
-            for lost in await self.leases.refresh(stream, entry_ids):
-                request_id = self._request_of_entry.get(_EntryRef(stream, lost))
-                if request_id is not None:
-                    log.warning("lost the lease of request %s to another worker", request_id)
-                    self.stop(request_id, LEASE_LOST)
-
-    def _start(self, ref: _EntryRef, fields: dict[bytes, bytes] | None, *, claimed: bool) -> None:
-        job = asyncio.get_running_loop().create_task(self._job(ref, fields, claimed=claimed))
-        self._jobs[job] = ref
-        job.add_done_callback(self._job_done)
-
-    def _job_done(self, job: asyncio.Task[None]) -> None:
-        self._jobs.pop(job, None)
-        self._slot_free.set()
-        if not job.cancelled() and job.exception() is not None:
-            log.error("job failed outside its error handling", exc_info=job.exception())
-
-    async def _job(self, ref: _EntryRef, fields: dict[bytes, bytes] | None, *, claimed: bool) -> None:
+    def _start(self, ref: EntryRef, fields: dict[bytes, bytes] | None, *, claimed: bool) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            raw = (fields or {})[keys.REQUEST_FIELD.encode()]
-            queued = queue_pb2.QueuedRequest.FromString(raw)
+            queued = queue_pb2.QueuedRequest.FromString((fields or {})[keys.REQUEST_FIELD.encode()])
         except Exception:
             log.error("dropping unreadable queue entry %s of %s", ref.entry_id, ref.stream)
-            await self._ack(ref)
-            return
-        request_id = queued.request_id
-        self._request_of_entry[ref] = request_id
-        try:
-            terminal = await self._terminal_event(ref, queued, claimed=claimed)
-            if terminal is not None:
-                await self._writer.emit_final(request_id, terminal)
-            await self._ack(ref)
-        except _LeaseLost:
-            return
-        finally:
-            self._request_of_entry.pop(ref, None)
+            queued = None
+        # An unreadable entry is a job too (with no request id) while its ack runs: it holds a slot.
+        job = Job(ref, queue_pb2.QueuedRequest() if queued is None else queued)
+        self._jobs[ref] = job
+        job.task = loop.create_task(self._ack(ref) if queued is None else self._run_job(job, claimed=claimed))
+        job.task.add_done_callback(lambda task: self._job_done(job, task))
 
-    async def _terminal_event(
-        self, ref: _EntryRef, queued: queue_pb2.QueuedRequest, *, claimed: bool
-    ) -> chat_pb2.ChatEvent | None:
+    def _job_done(self, job: Job, task: asyncio.Task[None]) -> None:
+        if self._jobs.get(job.ref) is job:
+            del self._jobs[job.ref]
+        self._slot_free.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job failed outside its error handling", exc_info=task.exception())
+
+    async def _run_job(self, job: Job, *, claimed: bool) -> None:
+        try:
+            terminal = await self._terminal_event(job, claimed=claimed)
+        except LeaseLost:
+            return
+        except HandBack:
+            self._handed_back.append(job.ref)
+            return
+        if terminal is not None:
+            await self._writer.emit_final(job.request_id, terminal)
+            self._telemetry.metrics.job_ended(terminal)
+        await self._ack(job.ref)
+
+    async def _terminal_event(self, job: Job, *, claimed: bool) -> chat_pb2.ChatEvent | None:
         """Run the job if it should run; its terminal event, or None when one was written already."""
         resume: Resume | None = None
         if claimed:
-            attempts = await self.leases.delivery_count(ref.stream, ref.entry_id)
-            resume = await self._read_resume(queued.request_id)
+            job.attempt = await self.leases.delivery_count(job.ref.stream, job.ref.entry_id)
+            resume = await Resume.read(self._redis, job.request_id)
             if resume.finished:
                 return None  # the lost worker wrote the end but died before its ack
-            if attempts > self._max_attempts:
+            if job.attempt > self._max_attempts:
                 return error_event(
                     code_pb2.UNAVAILABLE,
-                    f"the request was started {attempts - 1} times and each time its worker was lost",
+                    f"the request was started {job.attempt - 1} times and each time its worker was lost",
                     retryable=True,
                 )
             log.info(
                 "resuming request %s after %d tokens (run %d)",
-                queued.request_id,
+                job.request_id,
                 len(resume.token_ids),
-                attempts,
+                job.attempt,
             )
-        skip = await self._why_skip(queued)
+        skip = await self._why_skip(job)
         if skip is not None:
             return skip
-        return await self._generate(queued, resume)
+        return await self._generate(job, resume)
 
-    async def _read_resume(self, request_id: str) -> Resume:
-        entries = await self._redis.xrange(keys.events_stream(request_id))
-        records = [queue_pb2.EventRecord.FromString(f[keys.EVENT_FIELD.encode()]) for _, f in entries]
-        return Resume.from_records(records)
-
-    async def _why_skip(self, queued: queue_pb2.QueuedRequest) -> chat_pb2.ChatEvent | None:
+    async def _why_skip(self, job: Job) -> chat_pb2.ChatEvent | None:
         """The terminal event of a job that must not reach the engine, or None to run it."""
-        if queued.deadline_unix <= time.time():
+        if job.queued.deadline_unix <= time.time():
             return error_event(
                 code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed while it was queued"
             )
-        # One round trip, and no cancel slips through it: a cancel message that arrives while the flag
-        # is read is recorded by `stop` and seen here.
-        request_id = queued.request_id
-        self._starting.add(request_id)
-        try:
-            flagged = await self._redis.exists(keys.cancel_flag(request_id))
-        finally:
-            self._starting.discard(request_id)
-        reason = self._stop_reasons.pop(request_id, None)
-        if reason == LEASE_LOST:
-            raise _LeaseLost()
-        if flagged or reason is not None:
-            return error_event(code_pb2.CANCELLED, "the request was cancelled before it started")
+        # A cancel message that arrives while the flag is read is recorded by `Job.stop`, seen below.
+        if await self._redis.exists(keys.cancel_flag(job.request_id)):
+            job.stop(StopReason.CANCELLED)
+        if job.stop_reason is not None:
+            return stopped_event(job.stop_reason, started=False)
         return None
 
-    async def _generate(self, queued: queue_pb2.QueuedRequest, resume: Resume | None) -> chat_pb2.ChatEvent:
-        request_id = queued.request_id
+    async def _generate(self, job: Job, resume: Resume | None) -> chat_pb2.ChatEvent:
         loop = asyncio.get_running_loop()
-        task = loop.create_task(generate_events(self._engine, self._writer, queued, resume))
-        self._running[request_id] = task
+        job.generation = loop.create_task(
+            generate_events(
+                self._engine, self._writer, job.queued, self._telemetry, resume=resume, attempt=job.attempt
+            )
+        )
         deadline = loop.call_later(
-            max(queued.deadline_unix - time.time(), 0.0), self.stop, request_id, DEADLINE
+            max(job.queued.deadline_unix - time.time(), 0.0), job.stop, StopReason.DEADLINE
         )
         try:
-            return await task
+            return await job.generation
         except asyncio.CancelledError:
-            reason = self._stop_reasons.pop(request_id, None)
-            if reason is None or not task.cancelled():
+            current = asyncio.current_task()
+            if job.stop_reason is None or (current is not None and current.cancelling()):
                 raise  # this worker is stopping: leave the job unacked for another one
-            await self._engine.abort(request_id)
-            if reason == LEASE_LOST:
-                raise _LeaseLost() from None
-            if reason == DEADLINE:
-                return error_event(code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed")
-            if reason == DETACHED:
-                return error_event(code_pb2.CANCELLED, "nobody followed the request for its detach grace")
-            return error_event(code_pb2.CANCELLED, "the request was cancelled")
+            self._telemetry.metrics.aborts.inc()
+            await self._engine.abort(job.request_id)
+            return stopped_event(job.stop_reason, started=True)
         except EngineRequestError as exc:
             return error_event(code_pb2.INVALID_ARGUMENT, str(exc))
+        except EngineStopped as exc:
+            if not self._claiming:  # expected: the engine goes with the worker (Ctrl-C reaches both)
+                log.info("request %s: %s as the worker stops; left for another worker", job.request_id, exc)
+                raise HandBack() from exc
+            log.error("request %s: %s", job.request_id, exc)
+            return error_event(code_pb2.INTERNAL, f"the engine failed: {exc}", retryable=True)
         except Exception as exc:
-            log.exception("request %s failed in the engine", request_id)
+            log.exception("request %s failed in the engine", job.request_id)
             return error_event(code_pb2.INTERNAL, f"the engine failed: {exc}", retryable=True)
         finally:
             deadline.cancel()
-            self._running.pop(request_id, None)
-            self._stop_reasons.pop(request_id, None)
+            job.ended = True
 
-    async def _ack(self, ref: _EntryRef) -> None:
+    async def _ack(self, ref: EntryRef) -> None:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.xack(ref.stream, keys.WORKER_GROUP, ref.entry_id)
             pipe.xdel(ref.stream, ref.entry_id)

@@ -15,6 +15,10 @@ class EngineRequestError(Exception):
     """The request cannot run on this engine (the caller's fault, e.g. over the context length)."""
 
 
+class EngineStopped(Exception):
+    """The engine went away under a request (it was shut down, or its process died)."""
+
+
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
     request_id: str

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import redis.asyncio as redis
 
 from mistral_serve.common.contract import FINISH_REASONS
-from mistral_serve.common.contract import error_event as error_event  # consumer.py imports it from here
 from mistral_serve.common.event_log import read_records
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
@@ -16,7 +15,7 @@ from mistral_serve.v1 import chat_pb2
 from .engine import Engine, EngineFinishReason, EngineRequest
 from .events import EventWriter
 from .tool_calls import ToolCallStreamParser
-from .tracing import JobObservation
+from .tracing import JobObservation, WorkerTelemetry
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +60,23 @@ class _Unsent:
 
 
 async def generate_events(
-    engine: Engine, writer: EventWriter, queued: queue_pb2.QueuedRequest, resume: Resume | None = None
+    engine: Engine,
+    writer: EventWriter,
+    queued: queue_pb2.QueuedRequest,
+    telemetry: WorkerTelemetry,
+    *,
+    resume: Resume | None = None,
+    attempt: int = 1,
 ) -> chat_pb2.ChatEvent:
     """Stream `queued`'s deltas through `writer`; return the `finished` event (not yet written).
 
     With `resume`, the engine continues after the tokens already streamed, the parser is brought to
     the state it had then (by feeding it the raw text again, its output dropped: the caller has it),
-    and sequence numbers go on from the last one sent. The run is traced and measured (`tracing`).
+    and sequence numbers go on from the last one sent. The run is traced and measured (`tracing`) as
+    run number `attempt` of the job.
     """
     resumed_tokens = None if resume is None else len(resume.token_ids)
-    with JobObservation(queued, resumed_tokens=resumed_tokens) as job:
+    with JobObservation(queued, telemetry, attempt=attempt, resumed_tokens=resumed_tokens) as job:
         finished = await _generate(engine, writer, queued, resume or Resume(), job)
         job.finished(finished.finished)
         return finished

@@ -10,17 +10,10 @@ stats are on).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
-import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mistral_serve.common.contract import code_name
 from mistral_serve.v1 import chat_pb2
-
-from .engine import Engine, EngineOutput, EngineRequest
-from .events import EventWriter
 
 PROVIDER = "mistral_ai"
 OPERATION = "chat"
@@ -34,7 +27,7 @@ GEN_AI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_reques
 
 
 class WorkerMetrics:
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *, deep_health: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._gen_ai = (OPERATION, PROVIDER, model)
         r = self.registry
@@ -92,13 +85,22 @@ class WorkerMetrics:
             "Requests aborted in the engine (cancel, deadline, detach, lease lost).",
             registry=r,
         )
-        self.deep_health = Gauge(
-            "mistral_serve_worker_deep_health_ok",
-            "1 when the last deep health check (a one-token generation) passed, 0 when it failed.",
-            registry=r,
+        # Only with deep health on: exported as 0 without it, it would read as a failing check.
+        self.deep_health = (
+            Gauge(
+                "mistral_serve_worker_deep_health_ok",
+                "1 when the last deep health check (a one-token generation) passed, 0 when it failed.",
+                registry=r,
+            )
+            if deep_health
+            else None
         )
         self.waiting = self.engine_requests.labels("waiting")
         self.running = self.engine_requests.labels("running")
+
+    def deep_check_done(self, passed: bool) -> None:
+        if self.deep_health is not None:
+            self.deep_health.set(1 if passed else 0)
 
     def gen_ai(self, histogram: Histogram) -> Histogram:
         return histogram.labels(*self._gen_ai)
@@ -116,42 +118,3 @@ class WorkerMetrics:
         else:
             reason = chat_pb2.FinishReason.Name(terminal.finished.finish_reason)
             self.jobs.labels("finished", reason.removeprefix("FINISH_REASON_")).inc()
-
-
-class ObservedEngine:
-    """The worker's engine, counting the aborts the consumer asks for."""
-
-    def __init__(self, engine: Engine, metrics: WorkerMetrics) -> None:
-        self.inner = engine
-        self._metrics = metrics
-
-    async def start(self) -> None:
-        await self.inner.start()
-
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        return self.inner.generate(request)
-
-    async def abort(self, request_id: str) -> None:
-        self._metrics.aborts.inc()
-        await self.inner.abort(request_id)
-
-    def is_ready(self) -> bool:
-        return self.inner.is_ready()
-
-    def running_count(self) -> int:
-        return self.inner.running_count()
-
-    async def shutdown(self) -> None:
-        await self.inner.shutdown()
-
-
-class CountingEventWriter(EventWriter):
-    """The worker's event writer, counting each job's terminal event by outcome and code."""
-
-    def __init__(self, client: redis.Redis, *, metrics: WorkerMetrics, **kwargs: Any) -> None:
-        super().__init__(client, **kwargs)
-        self._metrics = metrics
-
-    async def emit_final(self, request_id: str, event: chat_pb2.ChatEvent) -> None:
-        await super().emit_final(request_id, event)
-        self._metrics.job_ended(event)

@@ -2,9 +2,8 @@
 queued `traceparent`) and under it the generation span `chat {model}` with the OpenTelemetry
 `gen_ai.*` attributes and the events "queued", "started" and "first token".
 
-The worker's telemetry (tracer, metrics, settings) reaches `generate_events` through a context
-variable that `app.start_worker` binds for the consumer's tasks, so the consumer passes nothing.
-Message contents are recorded only when `trace_content` is on.
+The worker's telemetry (tracer, metrics, settings) is built once by `app.start_worker` and handed to
+the consumer, which passes it to each run. Message contents are recorded only when `trace_content` is on.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextvars import ContextVar, Token
+from contextvars import Token
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -24,7 +23,6 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from mistral_serve.common import keys, sampling
 from mistral_serve.common.contract import DEFAULT_MODEL, finish_reason_name
 from mistral_serve.common.logs import bind_request_id
-from mistral_serve.common.telemetry import get_tracer
 from mistral_serve.common.tracecontext import extract_from
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
@@ -50,26 +48,6 @@ class WorkerTelemetry:
     trace_content: bool = False
 
 
-_CURRENT: ContextVar[WorkerTelemetry | None] = ContextVar("mistral_serve_worker_telemetry", default=None)
-_fallback: WorkerTelemetry | None = None
-
-
-def bind(telemetry: WorkerTelemetry) -> None:
-    """Make `telemetry` the one of jobs started from this context (run inside a copied context)."""
-    _CURRENT.set(telemetry)
-
-
-def current() -> WorkerTelemetry:
-    """The bound telemetry; outside a worker (unit tests), the global tracer and unserved metrics."""
-    global _fallback
-    bound = _CURRENT.get()
-    if bound is not None:
-        return bound
-    if _fallback is None:
-        _fallback = WorkerTelemetry(get_tracer(), WorkerMetrics(DEFAULT_MODEL))
-    return _fallback
-
-
 def _ns(unix_s: float) -> int:
     return int(unix_s * 1e9)
 
@@ -77,9 +55,18 @@ def _ns(unix_s: float) -> int:
 class JobObservation:
     """Spans and metrics of one run of a job on the engine; a context manager around the run."""
 
-    def __init__(self, queued: queue_pb2.QueuedRequest, *, resumed_tokens: int | None) -> None:
-        self._t = current()
+    def __init__(
+        self,
+        queued: queue_pb2.QueuedRequest,
+        telemetry: WorkerTelemetry,
+        *,
+        attempt: int,
+        resumed_tokens: int | None,
+    ) -> None:
+        self._t = telemetry
         self._queued = queued
+        # Which run of the job this is: 1, then one more for each worker lost (or drained) under it.
+        self._attempt = attempt
         # None for a first run; the tokens an earlier run streamed for a resumed one.
         self._resumed_tokens = resumed_tokens
         self.started_at = time.time()
@@ -145,7 +132,7 @@ class JobObservation:
         self._generation.add_event(
             "queued", {"mistral_serve.queue.wait_seconds": wait}, timestamp=_ns(admitted or self.started_at)
         )
-        started: dict[str, Any] = {"mistral_serve.attempt": self._queued.attempt or 1}
+        started: dict[str, Any] = {"mistral_serve.attempt": self._attempt}
         if self._resumed_tokens is not None:
             started["mistral_serve.resumed_tokens"] = self._resumed_tokens
         self._generation.add_event("started", started, timestamp=_ns(self.started_at))

@@ -21,6 +21,7 @@ from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from mistral_serve.common import sampling
 from mistral_serve.common.contract import (
@@ -34,12 +35,20 @@ from mistral_serve.common.env import SettingError, env_bool, env_float, env_int,
 from mistral_serve.common.prompts import PromptBuilder, PromptError
 from mistral_serve.common.settings import SharedSettings
 from mistral_serve.v1 import chat_pb2
-from mistral_serve.worker.engine import EngineFinishReason, EngineOutput, EngineRequest, EngineRequestError
+from mistral_serve.worker.engine import (
+    EngineFinishReason,
+    EngineOutput,
+    EngineRequest,
+    EngineRequestError,
+    EngineStopped,
+)
 
 logger = logging.getLogger(__name__)
 
 DType = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 _FINISH_REASONS: tuple[EngineFinishReason, ...] = get_args(EngineFinishReason)
+# Where vLLM logs its engine process's death (AsyncLLM's output loop).
+_VLLM_ASYNC_LLM_LOGGER = "vllm.v1.engine.async_llm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +124,8 @@ class VllmEngine:
         self.settings = settings
         self._llm: AsyncLLM | None = None
         self._builder: PromptBuilder | None = None
+        self._stopping = False
+        logging.getLogger(_VLLM_ASYNC_LLM_LOGGER).addFilter(self._engine_death_record)
 
     @classmethod
     def from_env(cls) -> VllmEngine:
@@ -146,7 +157,20 @@ class VllmEngine:
         if self._llm is not None:
             await self._llm.abort(request_id)
 
+    def _engine_death_record(self, record: logging.LogRecord) -> bool:
+        """vLLM's output loop logs the engine process's death with a traceback that says nothing the
+        engine process did not log already: expected once `shutdown` began (dropped), one line else."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, EngineDeadError):
+            return True
+        if self._stopping:
+            return False
+        record.exc_info, record.exc_text = None, None
+        record.msg, record.args = "vLLM's engine process is gone (its own log says why)", ()
+        return True
+
     async def shutdown(self) -> None:
+        self._stopping = True
         llm, self._llm = self._llm, None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
@@ -195,6 +219,8 @@ class VllmEngine:
                 )
         except VLLMClientError as exc:
             raise EngineRequestError(str(exc)) from exc
+        except EngineDeadError as exc:
+            raise EngineStopped("vLLM's engine process is gone") from exc
         finally:
             if not finished:
                 # Closing vLLM's generator aborts the request in the engine and frees its KV cache.
