@@ -66,7 +66,8 @@ def http_stack(tiny_model: TinyModel) -> Iterator[HttpStack]:
             "MISTRAL_SERVE_MAX_MODEL_LEN": str(CONTEXT),
             "MISTRAL_SERVE_DETACH_GRACE_S": "5",
         }
-        worker = stack.start("worker", **common, **tiny_engine_env(str(tiny_model.path)), engine="vllm")
+        engine = {**tiny_engine_env(str(tiny_model.path)), **common, "engine": "vllm"}
+        worker = stack.start("worker", **engine)
         frontends = [
             stack.start(
                 "frontend",
