@@ -30,6 +30,7 @@ import yaml
 
 from mistral_serve.common import keys
 from mistral_serve.common.telemetry import OTLP_PROTOCOLS
+from mistral_serve.frontend.settings import FrontendSettings
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "mistral-serve"
 EXAMPLES = sorted((CHART_DIR / "examples").glob("*-values.yaml"))
@@ -436,6 +437,29 @@ def test_frontend_tells_get_model_info_what_workers_serve(chart: helm.Chart) -> 
     objects = render(chart, values)
     for name in ("MISTRAL_SERVE_MODEL", "MISTRAL_SERVE_MAX_MODEL_LEN", "MISTRAL_SERVE_MAX_IMAGES_PER_PROMPT"):
         assert env_value(frontend(objects), name) == env_value(worker(objects), name)
+
+
+def test_each_front_door_limit_reaches_the_frontend_setting_it_names(
+    chart: helm.Chart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    names = sorted(schema["properties"]["frontend"]["properties"]["limits"]["properties"])
+    assert names, "the chart exposes no front-door limit"
+    values = {name: 1000 + i for i, name in enumerate(names)}
+    env = env_of(frontend(render(chart, {"frontend": {"limits": values}})))
+    for name, value in values.items():
+        field = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+        variable = f"MISTRAL_SERVE_{field.upper()}"
+        assert env[variable]["value"] == str(value)
+        monkeypatch.setenv(variable, str(value))
+    settings = FrontendSettings.from_env()
+    for name, value in values.items():
+        assert getattr(settings, re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()) == value
+
+
+def test_an_unknown_front_door_limit_is_refused(chart: helm.Chart) -> None:
+    with pytest.raises(Exception, match="maxBananas|additional"):
+        render(chart, {"frontend": {"limits": {"maxBananas": 3}}})
 
 
 # --- secrets, auth, TLS --------------------------------------------------------------------------
