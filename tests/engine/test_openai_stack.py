@@ -2,9 +2,9 @@
 (the tiny model), a real redis-server; the real `openai` package for the model card's calls, raw HTTP
 for the protocol (SIGKILL of a frontend mid-stream, then a resume on the other by Last-Event-ID).
 
-This CPU build cannot load the vision encoder (README, "The model on a CPU"), so here the model card's
-image part is left out when the tiny model is text-only; on a GPU machine the same test sends it as
-a `data:` URL. The tiny model has random weights and never stops by itself, so the first example's
+Where the vision route is installed (`make setup`; README, "The model on a CPU") the tiny model is
+the vision one and the model card's image part goes as a `data:` URL; in a venv set up with
+`VISION=0` it is left out. The tiny model has random weights and never stops by itself, so the first example's
 `max_tokens=131072` (accepted: it fits the 131072 context) is streamed and cancelled after a few
 chunks rather than waited out, and the second example gets `max_tokens=64`.
 """
@@ -66,7 +66,8 @@ def http_stack(tiny_model: TinyModel) -> Iterator[HttpStack]:
             "MISTRAL_SERVE_MAX_MODEL_LEN": str(CONTEXT),
             "MISTRAL_SERVE_DETACH_GRACE_S": "5",
         }
-        worker = stack.start("worker", **common, **tiny_engine_env(str(tiny_model.path)), engine="vllm")
+        # The tiny engine's settings, but the served context of the real model (common's wins).
+        worker = stack.start("worker", **{**tiny_engine_env(str(tiny_model.path)), **common}, engine="vllm")
         frontends = [
             stack.start(
                 "frontend",
