@@ -77,5 +77,8 @@ async def check_image_chat(
     assert usage.image_tokens == image_tokens, conversation.name
     assert usage.prompt_tokens == len(vllm_run["prompt_token_ids"]), conversation.name
     assert usage.completion_tokens == len(vllm_run["token_ids"]), conversation.name
-    deltas = [e for e in events if e.WhichOneof("event") == "delta"]
-    assert [e.delta.sequence for e in deltas] == list(range(1, len(deltas) + 1))
+    deltas = [e.delta for e in events if e.WhichOneof("event") == "delta"]
+    assert [d.sequence for d in deltas] == list(range(1, len(deltas) + 1))
+    # What the model saw shows in what it wrote: vLLM's own run on the same images wrote the same.
+    assert not any(d.tool_calls for d in deltas), conversation.name
+    assert "".join(d.text for d in deltas) == vllm_run["text"], conversation.name
