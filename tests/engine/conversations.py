@@ -167,5 +167,46 @@ def image_conversation() -> Conversation:
     return Conversation("image", chat, messages, needs_vision=True, max_tokens=16)
 
 
+def two_images_conversation() -> Conversation:
+    """Two images of different shapes in one turn: 84x56 px is 8 image tokens, 56x84 px is 9.
+
+    With a system message: without one our prompt gains the default system prompt, vLLM's does not."""
+    wide, tall = make_png(84, 56), make_png(56, 84)
+    chat = pb.ChatRequest(
+        messages=[
+            pb.Message(role=pb.ROLE_SYSTEM, content=[text("Describe images.")]),
+            pb.Message(
+                role=pb.ROLE_USER,
+                content=[
+                    text("Compare"),
+                    pb.ContentPart(image=pb.ImageBytes(data=wide, mime_type="image/png")),
+                    text("with"),
+                    pb.ContentPart(image=pb.ImageBytes(data=tall, mime_type="image/png")),
+                ],
+            ),
+        ],
+        sampling=_sampling(16),
+    )
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "Describe images."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare"},
+                {"type": "image_url", "image_url": {"url": data_url(wide)}},
+                {"type": "text", "text": "with"},
+                {"type": "image_url", "image_url": {"url": data_url(tall)}},
+            ],
+        },
+    ]
+    return Conversation("two_images", chat, messages, needs_vision=True, max_tokens=16)
+
+
 def all_conversations() -> list[Conversation]:
-    return [text_conversation(), tool_conversation(), prefix_conversation(), image_conversation()]
+    return [
+        text_conversation(),
+        tool_conversation(),
+        prefix_conversation(),
+        image_conversation(),
+        two_images_conversation(),
+    ]

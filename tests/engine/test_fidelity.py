@@ -13,6 +13,7 @@ from mistral_serve.worker.engine import EngineRequest
 from mistral_serve.worker.vllm_engine import VllmEngine
 from tests.engine.conftest import TinyModel
 from tests.engine.conversations import Conversation, all_conversations, data_url
+from tests.engine.tiny_model import VISION_MISSING
 from tests.integration.test_front_door import form_of
 
 CONVERSATIONS = all_conversations()
@@ -55,7 +56,7 @@ async def test_greedy_stream_equals_vllm_offline_chat(
     conversation: Conversation, tiny_model: TinyModel, vllm_reference: dict[str, Any], engine: VllmEngine
 ) -> None:
     if conversation.needs_vision and not tiny_model.vision:
-        pytest.skip("vision cannot load on this CPU build (see tiny_model.vision_runtime_available)")
+        pytest.skip(VISION_MISSING)
     expected = vllm_reference["greedy"][conversation.name]
     built = engine.prompt_builder.build(conversation.chat)
     assert built.token_ids == expected["prompt_token_ids"]

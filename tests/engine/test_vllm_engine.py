@@ -16,6 +16,7 @@ from mistral_serve.worker.vllm_engine import VllmEngine
 from tests.engine.conftest import TinyModel
 from tests.engine.conversations import data_url, make_png, text
 from tests.engine.session_engine import SessionEngine
+from tests.engine.tiny_model import VISION_MISSING
 from tests.integration.test_front_door import form_of
 from tests.support.health import wait_serving
 from tests.support.waiting import until
@@ -194,7 +195,7 @@ async def test_image_request_streams_with_image_tokens_counted(
         # The text-only model's tokenizer has no image config: refused as the caller's fault.
         with pytest.raises(EngineRequestError, match="images"):
             await collect(engine, EngineRequest("image-1", request))
-        pytest.skip("vision cannot load on this CPU build (see tiny_model.vision_runtime_available)")
+        pytest.skip(VISION_MISSING)
     outputs = await collect(engine, EngineRequest("image-1", request))
     assert outputs[0].image_tokens == 8  # 84x56 px: 3 columns + a break, 2 rows
     assert sum(len(o.token_ids) for o in outputs) == 8
@@ -204,7 +205,7 @@ async def test_data_url_image_in_the_front_door_form_runs_like_bytes(
     engine: VllmEngine, tiny_model: TinyModel
 ) -> None:
     if not tiny_model.vision:
-        pytest.skip("vision cannot load on this CPU build (see tiny_model.vision_runtime_available)")
+        pytest.skip(VISION_MISSING)
     by_bytes = pb.ContentPart(image=pb.ImageBytes(data=make_png(), mime_type="image/png"))
     by_url = pb.ContentPart(image_url=data_url(make_png()))
     results = []
