@@ -458,7 +458,7 @@ def test_each_front_door_limit_reaches_the_frontend_setting_it_names(
 
 
 def test_an_unknown_front_door_limit_is_refused(chart: helm.Chart) -> None:
-    with pytest.raises(Exception, match="maxBananas|additional"):
+    with pytest.raises(Exception, match=r"maxBananas|additional"):
         render(chart, {"frontend": {"limits": {"maxBananas": 3}}})
 
 
