@@ -132,6 +132,8 @@ class HttpDoor:
                 "owned_by": "mistralai",
                 "root": info.model,
                 "max_model_len": info.context_length,
+                # Whether a chat without a system message gets the model's own (vLLM injects none).
+                "default_system_prompt": info.default_system_prompt,
             }
             for name in self._models
         ]
