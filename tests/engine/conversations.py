@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,25 @@ def make_png(width: int = 84, height: int = 56) -> bytes:
 
 def data_url(data: bytes, mime_type: str = "image/png") -> str:
     return f"data:{mime_type};base64," + base64.b64encode(data).decode()
+
+
+def with_images_as(messages: list[dict[str, Any]], load: Callable[[Image.Image], Image.Image]) -> list[Any]:
+    """`messages` with each data: URL image as `load` turns the opened image, re-encoded as PNG."""
+    out: list[Any] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") == "image_url":
+                    data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                    buf = io.BytesIO()
+                    load(Image.open(io.BytesIO(data))).save(buf, format="PNG")
+                    part = {"type": "image_url", "image_url": {"url": data_url(buf.getvalue())}}
+                parts.append(part)
+            message = {**message, "content": parts}
+        out.append(message)
+    return out
 
 
 def text(s: str) -> pb.ContentPart:

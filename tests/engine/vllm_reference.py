@@ -9,8 +9,6 @@ and, where the model can run it, the greedy output token ids of `LLM.chat`.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -26,26 +24,11 @@ def as_vllm_loads_images(messages: list[dict[str, Any]]) -> list[Any]:
     processor places the pixels after its loader turned them upright: for an image with a sideways
     EXIF orientation the two disagree. The processor's count is the one the model runs with.
     """
-    from PIL import Image
     from vllm.multimodal.image import normalize_image
 
-    out: list[Any] = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.get("type") == "image_url":
-                    data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
-                    image = normalize_image(Image.open(io.BytesIO(data)))
-                    buf = io.BytesIO()
-                    image.save(buf, format="PNG")
-                    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-                    part = {"type": "image_url", "image_url": {"url": url}}
-                parts.append(part)
-            message = {**message, "content": parts}
-        out.append(message)
-    return out
+    from tests.engine.conversations import with_images_as
+
+    return with_images_as(messages, normalize_image)
 
 
 def chat_prompt_ids(tokenizer_dir: str, conversations: list[Any]) -> dict[str, list[int]]:

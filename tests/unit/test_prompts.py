@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from mistral_serve.common.prompts import PromptBuilder, PromptError, decode_image, fill_system_prompt
 from mistral_serve.v1 import chat_pb2 as pb
-from tests.engine.conversations import all_conversations, data_url, make_png, make_sideways_jpeg, text
+from tests.engine.conversations import (
+    all_conversations,
+    data_url,
+    make_png,
+    make_sideways_jpeg,
+    text,
+    with_images_as,
+)
 from tests.engine.tiny_model import ensure_tiny_model
 
 TODAY = dt.date(2026, 3, 1)
@@ -50,27 +55,9 @@ def decode_keep_special(builder: PromptBuilder, token_ids: list[int]) -> str:
     return str(inner.decode(token_ids, special_token_policy=SpecialTokenPolicy.KEEP))
 
 
-def upright_png(data: bytes) -> bytes:
-    """`data`'s pixels as shown (EXIF orientation applied), stored as a PNG without EXIF."""
-    out = io.BytesIO()
-    ImageOps.exif_transpose(Image.open(io.BytesIO(data))).save(out, format="PNG")
-    return out.getvalue()
-
-
-def with_upright_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_upright_images(messages: list[dict[str, Any]]) -> list[Any]:
     """mistral_common's own `from_openai` counts an image as stored; vLLM's loader turns it first."""
-    out = []
-    for m in messages:
-        if isinstance(m.get("content"), list):
-            parts = []
-            for p in m["content"]:
-                if p.get("type") == "image_url":
-                    raw = base64.b64decode(p["image_url"]["url"].split(",", 1)[1])
-                    p = {"type": "image_url", "image_url": {"url": data_url(upright_png(raw))}}
-                parts.append(p)
-            m = {**m, "content": parts}
-        out.append(m)
-    return out
+    return with_images_as(messages, ImageOps.exif_transpose)
 
 
 @pytest.mark.parametrize("conversation", all_conversations(), ids=lambda c: c.name)
