@@ -30,6 +30,24 @@ def test_prompt_ids_equal_vllm_chat_rendering(
     assert built.token_ids == vllm_reference["chat_prompt_ids"][conversation.name]
 
 
+def test_the_default_system_prompt_is_what_differs_when_switched_on(
+    tiny_model: TinyModel, vllm_reference: dict[str, Any]
+) -> None:
+    """Switched on (the service's default), a conversation with no SYSTEM message gets the model's;
+    one that has its own gets none, so it still equals vLLM's prompt."""
+    builder = PromptBuilder.from_model(str(tiny_model.tokenizer_with_images))
+    for conversation in CONVERSATIONS:
+        chat = chat_pb2.ChatRequest()
+        chat.CopyFrom(conversation.chat)
+        chat.ClearField("default_system_prompt")
+        ids = builder.build(chat).token_ids
+        has_system = any(m.role == chat_pb2.ROLE_SYSTEM for m in chat.messages)
+        reference = vllm_reference["chat_prompt_ids"][conversation.name]
+        assert (ids == reference) == has_system, conversation.name
+        if not has_system:
+            assert str(builder.default_system_prompt()) in builder.tokenizer.decode(ids)
+
+
 def as_the_caller_sent_it(chat: chat_pb2.ChatRequest) -> chat_pb2.ChatRequest:
     """`chat` with its images as data: URLs, as an OpenAI-style caller sends them."""
     sent = chat_pb2.ChatRequest()
@@ -37,7 +55,7 @@ def as_the_caller_sent_it(chat: chat_pb2.ChatRequest) -> chat_pb2.ChatRequest:
     for message in sent.messages:
         for part in message.content:
             if part.WhichOneof("kind") == "image":
-                part.image_url = data_url(part.image.data)
+                part.image_url = data_url(part.image.data, part.image.mime_type)
     return sent
 
 

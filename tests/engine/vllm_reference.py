@@ -16,6 +16,21 @@ from typing import Any
 from tests.engine.vllm_env import configure_vllm_env
 
 
+def as_vllm_loads_images(messages: list[dict[str, Any]]) -> list[Any]:
+    """`messages` with each data: URL image as vLLM's image loader hands it to the model's processor
+    (`normalize_image`: EXIF orientation applied), re-encoded as PNG.
+
+    vLLM's renderer counts image tokens on the caller's bytes as they are stored, and its Pixtral
+    processor places the pixels after its loader turned them upright: for an image with a sideways
+    EXIF orientation the two disagree. The processor's count is the one the model runs with.
+    """
+    from vllm.multimodal.image import normalize_image
+
+    from tests.engine.conversations import with_images_as
+
+    return with_images_as(messages, normalize_image)
+
+
 def chat_prompt_ids(tokenizer_dir: str, conversations: list[Any]) -> dict[str, list[int]]:
     """vLLM's renderer step (`MistralRenderer` → `MistralTokenizer.apply_chat_template`), no model needed."""
     from vllm.tokenizers.mistral import MistralTokenizer
@@ -24,7 +39,7 @@ def chat_prompt_ids(tokenizer_dir: str, conversations: list[Any]) -> dict[str, l
     return {
         c.name: list(
             tokenizer.apply_chat_template(
-                c.openai_messages,
+                as_vllm_loads_images(c.openai_messages),
                 tools=c.openai_tools,
                 add_generation_prompt=not c.continue_final_message,
                 continue_final_message=c.continue_final_message,
@@ -64,8 +79,33 @@ def greedy_outputs(model_dir: str, conversations: list[Any], max_model_len: int)
             "token_ids": list(out.outputs[0].token_ids),
             "text": out.outputs[0].text,
         }
+    results[LOGPROBS_RUN] = sampled_logprobs(llm, results["text"]["prompt_token_ids"])
     llm.llm_engine.engine_core.shutdown()
     return results
+
+
+# The sampled run whose logprobs the engine tests compare with: the text conversation's prompt.
+LOGPROBS_RUN = "sampled-logprobs"
+LOGPROBS_SAMPLING: dict[str, Any] = {"temperature": 1.0, "seed": 1234, "max_tokens": 8, "logprobs": 5}
+
+
+def sampled_logprobs(llm: Any, prompt_ids: list[int]) -> dict[str, Any]:
+    """`LLM.generate` on `prompt_ids` with `LOGPROBS_SAMPLING`: its tokens and each position's
+    {token id: [logprob, rank]} as vLLM reports them."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    (out,) = llm.generate(
+        TokensPrompt(prompt_token_ids=prompt_ids), SamplingParams(**LOGPROBS_SAMPLING), use_tqdm=False
+    )
+    completion = out.outputs[0]
+    return {
+        "token_ids": list(completion.token_ids),
+        "logprobs": [
+            {str(tid): [lp.logprob, lp.rank] for tid, lp in position.items()}
+            for position in completion.logprobs or []
+        ],
+    }
 
 
 def main() -> None:

@@ -319,6 +319,33 @@ CASES: list[Case] = [
         req(user(), sampling=sampling(frequency_penalty=-3.0)),
         "sampling.frequency_penalty",
     ),
+    Case("top_k -2", req(user(), sampling=sampling(top_k=-2)), "sampling.top_k"),
+    Case("min_p 1.5", req(user(), sampling=sampling(min_p=1.5)), "sampling.min_p"),
+    Case(
+        "repetition_penalty 0",
+        req(user(), sampling=sampling(repetition_penalty=0.0)),
+        "sampling.repetition_penalty",
+    ),
+    Case(
+        "min_tokens 20 with max_tokens 10",
+        req(user(), sampling=sampling(min_tokens=20, max_tokens=10)),
+        "sampling.min_tokens",
+    ),
+    Case(
+        "min_tokens 2049 (over the whole context)",
+        req(user(), sampling=sampling(min_tokens=CONTEXT_LENGTH + 1)),
+        "sampling.min_tokens",
+    ),
+    Case(
+        "top_logprobs 21",
+        req(user(), sampling=sampling(logprobs=True, top_logprobs=21)),
+        "sampling.top_logprobs",
+    ),
+    Case(
+        "top_logprobs without logprobs",
+        req(user(), sampling=sampling(top_logprobs=2)),
+        "sampling.top_logprobs",
+    ),
     Case(
         "17 stop sequences",
         req(user(), sampling=sampling(stop=[f"s{i}" for i in range(17)])),

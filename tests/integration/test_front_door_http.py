@@ -93,9 +93,23 @@ def openai_body(request: R.ChatRequest) -> dict[str, Any]:
     elif choice.mode in MODES:
         body["tool_choice"] = MODES[choice.mode]
     s = request.sampling
-    for name in ("temperature", "top_p", "max_tokens", "seed", "presence_penalty", "frequency_penalty"):
+    for name in (
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "min_tokens",
+        "top_logprobs",
+    ):
         if s.HasField(name):
             body[name] = getattr(s, name)
+    if s.logprobs:
+        body["logprobs"] = True
     if s.stop:
         body["stop"] = list(s.stop)
     return body

@@ -222,6 +222,7 @@ async def test_models_and_probes(door: Frontend, http: aiohttp.ClientSession) ->
     assert models["data"][0]["id"] == MODEL
     assert models["data"][0]["object"] == "model"
     assert models["data"][0]["max_model_len"] == door.settings.context_length
+    assert models["data"][0]["default_system_prompt"] is True  # the model card's advice, by default
     async with http.get(url(door, "/health/live")) as response:
         assert response.status == 200
 

@@ -11,7 +11,7 @@ import redis
 
 from mistral_serve.client.client import retry_delay
 from mistral_serve.common import keys
-from mistral_serve.v1 import chat_pb2
+from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
 from tests.integration.conftest import Stack
 from tests.support.requests import chat, events_text
 from tests.support.scripted_engine import ScriptedEngine
@@ -193,6 +193,16 @@ async def test_get_model_info_describes_the_served_model(stack: Stack) -> None:
     assert info.context_length == 131072
     assert info.max_images_per_prompt == 10
     assert info.supports_tools and info.supports_images
+
+
+@pytest.mark.parametrize("setting", [True, False])
+async def test_get_model_info_says_whether_the_default_system_prompt_is_added(
+    stack: Stack, setting: bool
+) -> None:
+    frontend = await stack.frontend(default_system_prompt=setting)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{frontend.port}") as channel:
+        info = await chat_pb2_grpc.ChatServiceStub(channel).GetModelInfo(chat_pb2.GetModelInfoRequest())
+    assert info.default_system_prompt is setting
 
 
 def backlog(stack: Stack) -> int:

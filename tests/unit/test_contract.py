@@ -67,11 +67,39 @@ def test_the_sampling_table_drives_validation_vllm_and_spans() -> None:
         "gen_ai.request.stop_sequences": ["END"],
     }
     assert sampling.vllm_kwargs(R.SamplingParams()) == {"temperature": sampling.DEFAULT_TEMPERATURE}
-    bounded = {p.field for p in sampling.PARAMETERS if p.bound is not None}
-    for field in bounded:
+    for parameter in sampling.PARAMETERS:
+        if parameter.bound is None:
+            continue
+        field = R.SamplingParams.DESCRIPTOR.fields_by_name[parameter.field]
+        unsigned = field.type in (field.TYPE_UINT32, field.TYPE_UINT64)
+        outside = parameter.bound.high + 1 if unsigned else parameter.bound.low - 1
+        value = float(outside) if field.type == field.TYPE_FLOAT else int(outside)
+        # top_logprobs comes with logprobs (its pair rule is tested on its own).
+        params = R.SamplingParams(**{parameter.field: value}, logprobs=True)  # type: ignore[arg-type]
         with pytest.raises(InvalidRequest) as refused:
-            validate_chat_request(req(user(), sampling=R.SamplingParams(**{field: 9.0})))
-        assert [v.field for v in refused.value.violations] == [f"sampling.{field}"]
+            validate_chat_request(req(user(), sampling=params))
+        assert [v.field for v in refused.value.violations] == [f"sampling.{parameter.field}"]
+
+
+def test_new_sampling_rows_reach_vllm_under_its_keywords() -> None:
+    params = R.SamplingParams(top_k=40, min_p=0.05, repetition_penalty=1.1, min_tokens=3)
+    assert sampling.vllm_kwargs(params) == {
+        "temperature": sampling.DEFAULT_TEMPERATURE,
+        "top_k": 40,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+    }  # min_tokens: the engine's, clamped (vllm_engine.sampling_params)
+    assert sampling.span_attributes(params) == {"gen_ai.request.top_k": 40}
+
+
+@pytest.mark.parametrize(
+    ("logprobs", "top", "keyword"), [(False, None, None), (True, None, 0), (True, 5, 5), (True, 0, 0)]
+)
+def test_logprobs_and_top_logprobs_are_vllms_one_logprobs_keyword(
+    logprobs: bool, top: int | None, keyword: int | None
+) -> None:
+    params = R.SamplingParams(logprobs=logprobs, top_logprobs=top)
+    assert sampling.vllm_kwargs(params).get("logprobs") == keyword
 
 
 def test_every_sampling_field_of_the_proto_has_its_row() -> None:

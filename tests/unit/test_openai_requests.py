@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from mistral_serve.frontend.errors import InvalidRequest
 from mistral_serve.frontend.openai_http.requests import OpenAINames, parse_body, to_chat_completion
-from mistral_serve.frontend.openai_http.responses import parse_event_id
+from mistral_serve.frontend.openai_http.responses import ChunkWriter, completion, parse_event_id
 from mistral_serve.frontend.request_form import build_request_form
 from mistral_serve.v1 import chat_pb2
 
@@ -137,3 +138,78 @@ def test_event_ids_read_back() -> None:
     assert parse_event_id("abc") is None
     assert parse_event_id("abc/x") is None
     assert parse_event_id("/3") is None
+
+
+def test_vllms_extra_sampling_params_and_logprobs_reach_the_chat_request() -> None:
+    parsed = to_chat_completion(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "top_k": 40,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "min_tokens": 3,
+            "logprobs": True,
+            "top_logprobs": 5,
+            "default_system_prompt": False,
+        }
+    )
+    s = parsed.request.sampling
+    assert (s.top_k, s.min_tokens, s.logprobs, s.top_logprobs) == (40, 3, True, 5)
+    assert s.min_p == pytest.approx(0.05) and s.repetition_penalty == pytest.approx(1.1)
+    assert parsed.request.HasField("default_system_prompt") and not parsed.request.default_system_prompt
+    unset = to_chat_completion({"messages": [{"role": "user", "content": "hi"}]}).request
+    assert not unset.HasField("default_system_prompt") and not unset.sampling.HasField("top_k")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("top_k", 1.5),
+        ("min_tokens", -1),
+        ("logprobs", 1),
+        ("top_logprobs", "3"),
+        ("min_p", "x"),
+        ("default_system_prompt", "no"),
+    ],
+)
+def test_a_new_field_of_the_wrong_type_is_named(field: str, value: object) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        to_chat_completion({"messages": [{"role": "user", "content": "hi"}], field: value})
+    assert fields(refused) == [field]
+
+
+def test_logprobs_take_openais_shape_and_the_stop_its_reason() -> None:
+    token = chat_pb2.TokenLogprob(
+        token_id=7,
+        token="é",
+        logprob=-0.5,
+        top_logprobs=[
+            chat_pb2.TopLogprob(token_id=7, token="é", logprob=-0.5),
+            chat_pb2.TopLogprob(token_id=9, token="e", logprob=float("-inf")),
+        ],
+    )
+    finished = chat_pb2.Finished(finish_reason=chat_pb2.FINISH_REASON_STOP, stop="END")
+    choice = completion("r1", MODEL, 0, "x", finished, [token])["choices"][0]
+    assert choice["stop_reason"] == "END"
+    assert choice["logprobs"] == {
+        "content": [
+            {
+                "token": "é",
+                "logprob": -0.5,
+                "bytes": [195, 169],
+                "top_logprobs": [
+                    {"token": "é", "logprob": -0.5, "bytes": [195, 169]},
+                    {"token": "e", "logprob": -9999.0, "bytes": [101]},  # JSON has no -Infinity
+                ],
+            }
+        ]
+    }
+    plain = completion("r1", MODEL, 0, "x", chat_pb2.Finished())["choices"][0]
+    assert (plain["logprobs"], plain["stop_reason"]) == (None, None)
+    writer = ChunkWriter("r1", MODEL, 0, include_usage=False)
+    chunk = orjson.loads(
+        writer.delta(chat_pb2.Delta(sequence=1, text="é", logprobs=[token])).split(b"data: ")[1]
+    )
+    assert chunk["choices"][0]["logprobs"] == choice["logprobs"]
+    last = orjson.loads(writer.finished(finished).split(b"data: ")[1].split(b"\n\n")[0])
+    assert (last["choices"][0]["finish_reason"], last["choices"][0]["stop_reason"]) == ("stop", "END")

@@ -9,10 +9,18 @@ from typing import Any
 import pytest
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from PIL import ImageOps
 
-from mistral_serve.common.prompts import PromptBuilder, PromptError, fill_system_prompt
+from mistral_serve.common.prompts import PromptBuilder, PromptError, decode_image, fill_system_prompt
 from mistral_serve.v1 import chat_pb2 as pb
-from tests.engine.conversations import all_conversations, data_url, make_png, text
+from tests.engine.conversations import (
+    all_conversations,
+    data_url,
+    make_png,
+    make_sideways_jpeg,
+    text,
+    with_images_as,
+)
 from tests.engine.tiny_model import ensure_tiny_model
 
 TODAY = dt.date(2026, 3, 1)
@@ -47,13 +55,18 @@ def decode_keep_special(builder: PromptBuilder, token_ids: list[int]) -> str:
     return str(inner.decode(token_ids, special_token_policy=SpecialTokenPolicy.KEEP))
 
 
+def with_upright_images(messages: list[dict[str, Any]]) -> list[Any]:
+    """mistral_common's own `from_openai` counts an image as stored; vLLM's loader turns it first."""
+    return with_images_as(messages, ImageOps.exif_transpose)
+
+
 @pytest.mark.parametrize("conversation", all_conversations(), ids=lambda c: c.name)
 def test_prompt_equals_the_openai_style_encoding_of_the_same_conversation(
     builder: PromptBuilder, conversation: Any
 ) -> None:
     assert builder.build(conversation.chat).token_ids == openai_encoding(
         builder,
-        conversation.openai_messages,
+        with_upright_images(conversation.openai_messages),
         conversation.openai_tools,
         continue_final=conversation.continue_final_message,
     )
@@ -248,3 +261,36 @@ def test_text_only_tokenizer_refuses_images(tmp_path: Path) -> None:
     part = pb.ContentPart(image=pb.ImageBytes(data=make_png(), mime_type="image/png"))
     with pytest.raises(PromptError, match="images"):
         text_only.build(pb.ChatRequest(messages=[user(text("x"), part)]))
+
+
+def test_an_exif_rotated_jpeg_is_decoded_as_shown() -> None:
+    assert decode_image(make_sideways_jpeg(112, 28)).size == (28, 112)
+
+
+def test_text_parts_of_system_assistant_and_tool_messages_join_with_a_blank_line(
+    builder: PromptBuilder,
+) -> None:
+    def two_parts(role: pb.Role.ValueType, **fields: Any) -> pb.Message:
+        return pb.Message(role=role, content=[text("A."), text("B.")], **fields)
+
+    call = pb.FunctionCall(id="aB3dE5gH9", name="f", arguments_json="{}")
+    chat = pb.ChatRequest(
+        messages=[
+            two_parts(pb.ROLE_SYSTEM),
+            user(text("go")),
+            pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[call]),
+            two_parts(pb.ROLE_TOOL, tool_call_id="aB3dE5gH9"),
+            two_parts(pb.ROLE_ASSISTANT),
+            user(text("ok")),
+        ],
+        tools=[pb.Tool(name="f", parameters_json_schema='{"type": "object"}')],
+    )
+    decoded = builder.tokenizer.decode(builder.build(chat).token_ids)
+    assert decoded.count("A.\n\nB.") == 3, decoded
+
+
+@pytest.mark.parametrize("switch", [False, True])
+def test_a_request_switches_the_default_system_prompt(builder: PromptBuilder, switch: bool) -> None:
+    chat = pb.ChatRequest(messages=[user(text("Hi"))], default_system_prompt=switch)
+    decoded = builder.tokenizer.decode(builder.build(chat, today=TODAY).token_ids)
+    assert ("You are tiny-model," in decoded) is switch

@@ -7,10 +7,12 @@ import pytest
 from mistral_serve.common.contract import new_tokens_allowed
 from mistral_serve.common.prompts import PromptBuilder
 from mistral_serve.frontend.errors import InvalidRequest
-from mistral_serve.frontend.request_form import FrontDoorRequest
+from mistral_serve.frontend.images import read_header
+from mistral_serve.frontend.request_form import FrontDoorRequest, build_request_form
 from mistral_serve.frontend.validation import Limits, check_budget
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2 as R
+from tests.engine.conversations import make_sideways_jpeg
 from tests.engine.tiny_model import ensure_tiny_model
 from tests.integration.front_door_cases import data_url, image, png, req, text, user
 from tests.integration.test_front_door import form_of, tiny_token_counter
@@ -27,6 +29,9 @@ REQUESTS = [
     ),
     req(user(image(png(1540, 1540)))),
     req(user(text("odd sizes"), image(png(29, 1)), image(png(1541, 3)))),
+    # Stored 112x28 with EXIF orientation 6: counted as shown, 28x112, as the worker decodes it.
+    req(user(text("sideways"), image(make_sideways_jpeg(112, 28), "image/jpeg"))),
+    req(user(text("no system prompt")), default_system_prompt=False),
 ]
 
 
@@ -74,3 +79,19 @@ def test_a_request_that_cannot_fit_is_refused_with_the_counts(
     (violation,) = refused.value.violations
     assert violation.field == f"request.{field}"
     assert all(count in violation.description for count in counts), violation.description
+
+
+def test_the_header_size_of_an_exif_rotated_jpeg_is_as_shown() -> None:
+    assert read_header(make_sideways_jpeg(112, 28)) == (28, 112)
+    assert read_header(png(112, 28, "JPEG")) == (112, 28)
+
+
+@pytest.mark.parametrize(
+    ("setting", "sent", "queued"), [(True, None, True), (False, None, False), (False, True, True)]
+)
+def test_the_request_form_decides_the_default_system_prompt_once(
+    setting: bool, sent: bool | None, queued: bool
+) -> None:
+    request = req(user(text("hi")), default_system_prompt=sent)
+    form = build_request_form(request, {}, default_system_prompt=setting)
+    assert form.request.default_system_prompt is queued

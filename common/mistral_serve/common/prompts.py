@@ -13,6 +13,7 @@ frontend's token counter only needs each image's size.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
@@ -42,7 +43,7 @@ from mistral_common.protocol.instruct.tool_calls import (
 )
 from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import ValidationError
 
 from mistral_serve.v1 import chat_pb2
@@ -53,6 +54,8 @@ ImageLoader: TypeAlias = Callable[[chat_pb2.ImageBytes], Image.Image]
 
 TOKENIZER_FILE = "tekken.json"
 SYSTEM_PROMPT_FILE = "SYSTEM_PROMPT.txt"
+# How mistral_common and vLLM join the text parts of a SYSTEM, ASSISTANT or TOOL message.
+TEXT_PART_SEPARATOR = "\n\n"
 # The tokens an image expands to: one per merged patch, a break per row, an end per image.
 _IMAGE_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
 
@@ -111,10 +114,11 @@ def fill_system_prompt(template: str, *, model_name: str, today: dt.date) -> str
 def decode_image(data: bytes) -> Image.Image:
     """Decode an encoded image to RGB, transparent areas over white (as vLLM and mistral_common do)."""
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        opened = Image.open(io.BytesIO(data))
+        opened.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise PromptError(f"image cannot be decoded: {exc}") from exc
+    image = upright(opened)
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -123,6 +127,13 @@ def decode_image(data: bytes) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image as it is shown: its EXIF orientation applied, as vLLM's image loader does first."""
+    with contextlib.suppress(Exception):  # a broken EXIF block leaves the pixels as stored, as in vLLM
+        image = ImageOps.exif_transpose(image)
+    return image
 
 
 def decode_image_bytes(image: chat_pb2.ImageBytes) -> Image.Image:
@@ -206,8 +217,10 @@ class PromptBuilder:
         load = image_loader or self._image_loader
         images: list[Image.Image] = []
         messages: list[Any] = []
+        # The front door fills the field in from its setting; unset here (a test, a bench) is on.
+        wanted = chat.default_system_prompt if chat.HasField("default_system_prompt") else True
         has_system = any(m.role == chat_pb2.ROLE_SYSTEM for m in chat.messages)
-        default_system = None if has_system else self.default_system_prompt(today)
+        default_system = None if has_system or not wanted else self.default_system_prompt(today)
         if default_system:
             messages.append(SystemMessage(content=default_system))
         for index, message in enumerate(chat.messages):
@@ -284,7 +297,7 @@ def _text_only(parts: Sequence[chat_pb2.ContentPart], where: str) -> str:
         if part.WhichOneof("kind") != "text":
             raise PromptError(f"{where}.content[{i}]: only user messages may hold images")
         texts.append(part.text)
-    return "".join(texts)
+    return TEXT_PART_SEPARATOR.join(texts)
 
 
 def _tool(tool: chat_pb2.Tool) -> Any:

@@ -8,7 +8,7 @@ of stop sequences, which are settings) and are checked where those live, but are
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,9 @@ from mistral_serve.v1 import chat_pb2
 
 # The model card's recommendation, applied when a request leaves temperature unset.
 DEFAULT_TEMPERATURE = 0.15
+# The most alternatives per token a request may ask for (OpenAI's bound; vLLM's default cap).
+MAX_TOP_LOGPROBS = 20
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,8 @@ class SamplingParameter:
     default: float | None = None  # filled in at the front door when unset
     vllm_kwarg: str | None = None  # vllm.SamplingParams keyword; None: computed by the engine
     span_attribute: str | None = None  # on the generation span, per the gen_ai semantic conventions
+    # The value vLLM's keyword takes, from the request's; None drops the keyword. Unset: the value.
+    to_vllm: Callable[[Any], Any] | None = None
 
     def problem(self, value: float) -> str | None:
         if self.bound is None or self.bound.holds(value):
@@ -75,6 +80,19 @@ PARAMETERS: tuple[SamplingParameter, ...] = (
         span_attribute="gen_ai.request.frequency_penalty",
     ),
     SamplingParameter("stop", vllm_kwarg="stop", span_attribute="gen_ai.request.stop_sequences"),
+    # 0 and -1 both mean "all tokens" to vLLM.
+    SamplingParameter(
+        "top_k", Bound(-1, INT32_MAX), vllm_kwarg="top_k", span_attribute="gen_ai.request.top_k"
+    ),
+    SamplingParameter("min_p", Bound(0.0, 1.0), vllm_kwarg="min_p"),
+    SamplingParameter("repetition_penalty", Bound(0.0, 2.0, low_open=True), vllm_kwarg="repetition_penalty"),
+    # Clamped to the request's max_tokens and reduced by the tokens a resumed run already has: the
+    # engine computes it. Its bound against max_tokens is the front door's (validation).
+    SamplingParameter("min_tokens"),
+    # vLLM's one `logprobs` keyword is the number of alternatives: 0 is the sampled token's alone.
+    SamplingParameter("logprobs", vllm_kwarg="logprobs", to_vllm=lambda on: 0 if on else None),
+    # After `logprobs`, whose keyword it overrides; the front door refuses it without `logprobs`.
+    SamplingParameter("top_logprobs", Bound(0, MAX_TOP_LOGPROBS), vllm_kwarg="logprobs"),
 )
 
 
@@ -112,7 +130,13 @@ def vllm_kwargs(sampling: chat_pb2.SamplingParams) -> dict[str, Any]:
         p.vllm_kwarg: p.default for p in PARAMETERS if p.vllm_kwarg is not None and p.default is not None
     }
     for parameter, value in set_values(sampling):
-        if parameter.vllm_kwarg is not None:
+        if parameter.vllm_kwarg is None:
+            continue
+        if parameter.to_vllm is not None:
+            value = parameter.to_vllm(value)
+        if value is None:
+            kwargs.pop(parameter.vllm_kwarg, None)
+        else:
             kwargs[parameter.vllm_kwarg] = value
     return kwargs
 

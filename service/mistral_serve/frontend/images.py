@@ -92,11 +92,28 @@ def read_header(data: bytes) -> tuple[int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=[FORMATS[mime]]) as image:
                 width, height = image.size
+                if _turned_on_its_side(image):
+                    width, height = height, width
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge("data", f"the image has too many pixels: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageProblem("data", f"the image header cannot be read: {exc}") from exc
     return width, height
+
+
+# EXIF orientations that rotate by 90 or 270 degrees: the image is shown (and the worker decodes it,
+# `prompts.upright`) with width and height swapped.
+_SIDEWAYS_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION = 0x0112
+
+
+def _turned_on_its_side(image: Image.Image) -> bool:
+    """Whether the EXIF orientation the header holds (JPEG's APP1, WebP's and PNG's when ahead of
+    the pixels) swaps the sides."""
+    try:
+        return image.getexif().get(_EXIF_ORIENTATION) in _SIDEWAYS_ORIENTATIONS
+    except Exception:  # a broken EXIF block: the worker keeps the pixels as stored too
+        return False
 
 
 def check_image(data: bytes, mime_type: str | None, limits: ImageLimits) -> CheckedImage:

@@ -95,6 +95,7 @@ class ChatPipeline:
             max_images_per_prompt=s.max_images_per_prompt,
             supports_tools=True,
             supports_images=s.max_images_per_prompt > 0,
+            default_system_prompt=s.default_system_prompt,
         )
 
     async def _front_door(self, request: chat_pb2.ChatRequest) -> FrontDoorRequest:
@@ -111,7 +112,10 @@ class ChatPipeline:
         if self._fetcher is not None:
             images |= await resolve_image_urls(request, self._fetcher)
         return build_request_form(
-            request, images, max_total_image_bytes=self._settings.max_receive_message_bytes
+            request,
+            images,
+            max_total_image_bytes=self._settings.max_receive_message_bytes,
+            default_system_prompt=self._settings.default_system_prompt,
         )
 
     async def _run(

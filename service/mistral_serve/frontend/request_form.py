@@ -2,7 +2,8 @@
 
 Built in one pass from the caller's request (copied once) and the images the checks already read:
 every image is `ImageBytes` (a data: URL's decoded bytes, a fetched URL's body), each with the size
-its header gave, the sampling defaults are filled in and OpenAI-style tool-call ids are the model's.
+its header gave, the sampling defaults and the default system prompt switch are filled in, and
+OpenAI-style tool-call ids are the model's.
 The token counter, the budget check and the queue all take this form; nothing is decoded, copied or
 parsed again on the way.
 """
@@ -40,6 +41,7 @@ def build_request_form(
     *,
     path: str = "",
     max_total_image_bytes: int | None = None,
+    default_system_prompt: bool = True,
 ) -> FrontDoorRequest:
     """`request`, validated, in the form it is queued; `images` are every image it holds, checked.
 
@@ -73,4 +75,7 @@ def build_request_form(
             ]
         )
     sampling.apply_defaults(form.sampling)
+    if not form.HasField("default_system_prompt"):
+        # Decided here, once: the token count and the worker's prompt then agree whatever they read.
+        form.default_system_prompt = default_system_prompt
     return FrontDoorRequest(queued, sizes)

@@ -42,6 +42,9 @@ class FrontendSettings(SharedSettings):
     model_aliases: tuple[str, ...] = ()
     # tekken.json of the served model, for CountTokens; None answers FAILED_PRECONDITION.
     tokenizer_path: str | None = None
+    # A request without a SYSTEM message gets the model's SYSTEM_PROMPT.txt, as the model card
+    # advises (vLLM injects none); a request's `default_system_prompt` overrides this.
+    default_system_prompt: bool = True
     # Largest encoded image accepted (bytes, data: URL payload after base64, or a fetched URL's body).
     max_image_bytes: int = 10 * 1024 * 1024
     # Longest image side and most pixels accepted, read from the image header before any decode.
@@ -120,6 +123,7 @@ class FrontendSettings(SharedSettings):
             ),
             model_aliases=_env_list("MODEL_ALIASES"),
             tokenizer_path=env_opt_str("TOKENIZER"),
+            default_system_prompt=env_bool("DEFAULT_SYSTEM_PROMPT", cls.default_system_prompt),
             max_image_bytes=env_int("MAX_IMAGE_BYTES", cls.max_image_bytes, minimum=1),
             max_image_side_px=env_int("MAX_IMAGE_SIDE_PX", cls.max_image_side_px, minimum=1),
             max_image_pixels=env_int("MAX_IMAGE_PIXELS", cls.max_image_pixels, minimum=1),

@@ -434,6 +434,7 @@ def _check_sampling(request: chat_pb2.ChatRequest, path: str, limits: Limits) ->
         problem = max_tokens_problem(s.max_tokens, limits.context_length)
         if problem:
             out.append(FieldViolation(f"{where}.max_tokens", problem))
+    out += _check_sampling_pairs(s, where, limits)
     if len(s.stop) > limits.max_stop_sequences:
         out.append(
             FieldViolation(
@@ -450,6 +451,28 @@ def _check_sampling(request: chat_pb2.ChatRequest, path: str, limits: Limits) ->
                     f"{where}.stop[{i}]",
                     f"the stop sequence is {len(stop)} characters; at most "
                     f"{limits.max_stop_sequence_chars} are accepted",
+                )
+            )
+    return out
+
+
+def _check_sampling_pairs(s: chat_pb2.SamplingParams, where: str, limits: Limits) -> list[FieldViolation]:
+    """The rules between two sampling fields (each field's own bound is its table row)."""
+    out: list[FieldViolation] = []
+    if s.HasField("top_logprobs") and not s.logprobs:
+        out.append(FieldViolation(f"{where}.top_logprobs", "top_logprobs needs logprobs set to true"))
+    if s.HasField("min_tokens"):
+        if s.HasField("max_tokens") and s.min_tokens > s.max_tokens:
+            out.append(
+                FieldViolation(
+                    f"{where}.min_tokens", f"min_tokens ({s.min_tokens}) is over max_tokens ({s.max_tokens})"
+                )
+            )
+        elif s.min_tokens > limits.context_length:
+            out.append(
+                FieldViolation(
+                    f"{where}.min_tokens",
+                    f"min_tokens is {s.min_tokens}; the context holds {limits.context_length} tokens",
                 )
             )
     return out

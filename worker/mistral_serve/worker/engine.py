@@ -37,6 +37,10 @@ class EngineOutput:
     image_tokens: int = 0
     # Set on the last output of a request, None before.
     finish_reason: EngineFinishReason | None = None
+    # With SamplingParams.logprobs: one per token of `token_ids`.
+    logprobs: tuple[chat_pb2.TokenLogprob, ...] = ()
+    # On the last output: the stop sequence that ended it, None when none did.
+    stop: str | None = None
 
 
 class Engine(Protocol):

@@ -57,6 +57,7 @@ class _Unsent:
 
     token_ids: list[int] = field(default_factory=list)
     raw_text: list[str] = field(default_factory=list)
+    logprobs: list[chat_pb2.TokenLogprob] = field(default_factory=list)
 
 
 async def generate_events(
@@ -94,6 +95,7 @@ async def _generate(
     usage = chat_pb2.Usage(completion_tokens=len(resume.token_ids))
     first_token_at: float | None = None
     reason: EngineFinishReason = "stop"
+    stop = ""
 
     def emit(text: str, calls: list[chat_pb2.FunctionCallDelta]) -> None:
         nonlocal sequence, unsent
@@ -101,7 +103,11 @@ async def _generate(
         if job.output is not None:
             job.output.append(text)
         delta = chat_pb2.Delta(
-            sequence=sequence, text=text, tool_calls=calls, token_count=len(unsent.token_ids)
+            sequence=sequence,
+            text=text,
+            tool_calls=calls,
+            token_count=len(unsent.token_ids),
+            logprobs=unsent.logprobs,
         )
         writer.emit(
             request_id,
@@ -119,6 +125,7 @@ async def _generate(
         usage.completion_tokens += len(out.token_ids)
         unsent.token_ids.extend(out.token_ids)
         unsent.raw_text.append(out.text)
+        unsent.logprobs.extend(out.logprobs)
         if first_token_at is None and out.token_ids:
             job.first_token()
             first_token_at = job.first_token_at
@@ -127,8 +134,10 @@ async def _generate(
             emit(text, calls)
         if out.finish_reason is not None:
             reason = out.finish_reason
+            stop = out.stop or ""
     tail, tool_calls = parser.finish()
-    if tail:
+    if tail or unsent.logprobs:
+        # The last tokens may bring no text (the end token): their logprobs still reach the caller.
         emit(tail, [])
     finish_reason = FINISH_REASONS[reason]
     if tool_calls and reason == "stop":
@@ -140,6 +149,7 @@ async def _generate(
             finish_reason=finish_reason,
             tool_calls=tool_calls,
             usage=usage,
+            stop=stop,
             timings=chat_pb2.Timings(
                 queue_seconds=max(started_at - admitted, 0.0),
                 time_to_first_token_seconds=max((first_token_at or end) - admitted, 0.0),

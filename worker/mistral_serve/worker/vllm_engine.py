@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
@@ -19,6 +19,7 @@ from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
+from vllm.logprobs import SampleLogprobs
 from vllm.sampling_params import RequestOutputKind
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
@@ -201,7 +202,7 @@ class VllmEngine:
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         if built.images:
             prompt["multi_modal_data"] = {"image": built.images}
-        params = sampling_params(request.chat.sampling, max_tokens)
+        params = sampling_params(request.chat.sampling, max_tokens, resumed=resumed)
 
         stream = llm.generate(prompt, params, request.request_id)
         finished = False
@@ -216,6 +217,9 @@ class VllmEngine:
                     prompt_tokens=prompt_tokens,
                     image_tokens=image_tokens,
                     finish_reason=reason,
+                    logprobs=token_logprobs(completion.token_ids, completion.logprobs, params.logprobs or 0),
+                    # vLLM's stop_reason: the stop string matched, or a stop token's id (not ours).
+                    stop=completion.stop_reason if isinstance(completion.stop_reason, str) else None,
                 )
         except VLLMClientError as exc:
             raise EngineRequestError(str(exc)) from exc
@@ -232,16 +236,53 @@ def _max_tokens(chat: chat_pb2.ChatRequest) -> int | None:
     return chat.sampling.max_tokens if chat.sampling.HasField("max_tokens") else None
 
 
-def sampling_params(params: chat_pb2.SamplingParams, max_tokens: int) -> SamplingParams:
-    """vLLM's parameters from the sampling table (`common.sampling`), with the clamped max_tokens."""
+def sampling_params(params: chat_pb2.SamplingParams, max_tokens: int, *, resumed: int = 0) -> SamplingParams:
+    """vLLM's parameters from the sampling table (`common.sampling`), with the clamped max_tokens and
+    the min_tokens left after the `resumed` tokens an earlier run streamed."""
     kwargs = sampling.vllm_kwargs(params)
     kwargs["max_tokens"] = max_tokens
+    if params.HasField("min_tokens"):
+        kwargs["min_tokens"] = max(0, min(params.min_tokens - resumed, max_tokens))
     # Each output carries only what is new since the last one.
     kwargs["output_kind"] = RequestOutputKind.DELTA
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:
         raise EngineRequestError(f"invalid sampling parameters: {exc}") from exc
+
+
+def token_logprobs(
+    token_ids: Sequence[int], logprobs: SampleLogprobs | None, top: int
+) -> tuple[chat_pb2.TokenLogprob, ...]:
+    """vLLM's per-token logprobs as `TokenLogprob`s with the `top` most likely alternatives.
+
+    vLLM gives a {token id: Logprob} per position: the sampled token first (whatever its rank), then
+    the top ranks. The alternatives are ranks 1..`top`, most likely first, as OpenAI defines them
+    (vLLM's own server lists the dict's first `top` entries, the sampled token among them).
+    """
+    if logprobs is None:
+        return ()
+    out = []
+    for token_id, position in zip(token_ids, logprobs, strict=True):
+        if position is None:  # pragma: no cover - vLLM fills every sampled position
+            continue
+        sampled = position[token_id]
+        ranked = sorted(
+            ((tid, lp) for tid, lp in position.items() if lp.rank is not None and lp.rank <= top),
+            key=lambda item: item[1].rank or 0,
+        )
+        out.append(
+            chat_pb2.TokenLogprob(
+                token_id=token_id,
+                token=sampled.decoded_token or "",
+                logprob=sampled.logprob,
+                top_logprobs=[
+                    chat_pb2.TopLogprob(token_id=tid, token=lp.decoded_token or "", logprob=lp.logprob)
+                    for tid, lp in ranked
+                ],
+            )
+        )
+    return tuple(out)
 
 
 def _dtype(value: str) -> DType:

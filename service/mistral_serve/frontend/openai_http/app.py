@@ -22,6 +22,8 @@ from typing import Any
 from aiohttp import web
 from opentelemetry import trace
 
+from mistral_serve.v1 import chat_pb2
+
 from ..auth import ANONYMOUS, AuthInterceptor, Caller
 from ..errors import FieldViolation, InvalidRequest, ServiceError
 from ..health import FrontendHealth
@@ -132,6 +134,8 @@ class HttpDoor:
                 "owned_by": "mistralai",
                 "root": info.model,
                 "max_model_len": info.context_length,
+                # Whether a chat without a system message gets the model's own (vLLM injects none).
+                "default_system_prompt": info.default_system_prompt,
             }
             for name in self._models
         ]
@@ -230,17 +234,22 @@ class HttpDoor:
 
     async def _gather(self, call: HttpCall, events: EventStream, model: str) -> web.StreamResponse:
         text: list[str] = []
+        token_logprobs: list[chat_pb2.TokenLogprob] = []
         created = int(time.time())
         with contextlib.closing(events):
             async for event in events:
                 kind = event.WhichOneof("event")
                 if kind == "delta":
                     text.append(event.delta.text)
+                    token_logprobs.extend(event.delta.logprobs)
                 elif kind == "started":
                     call.started(event.started.request_id)
                 elif kind == "finished":
                     call.end(200, "OK")
-                    return _json(completion(events.request_id, model, created, "".join(text), event.finished))
+                    answer = completion(
+                        events.request_id, model, created, "".join(text), event.finished, token_logprobs
+                    )
+                    return _json(answer)
                 else:
                     return _refuse(call, from_error_event(event.error), code_name(event.error.code))
         raise AssertionError("an event stream ends with its terminal event")  # pragma: no cover

@@ -34,8 +34,13 @@ TOOL_CHOICES = {
 }
 UINT32_MAX = 2**32 - 1
 INT64 = (-(2**63), 2**63 - 1)
-# Sampling fields that are plain numbers on both sides: OpenAI name → SamplingParams field.
-FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
+INT32 = (-(2**31), 2**31 - 1)
+# Sampling fields that are plain numbers on both sides, by one name (min_p and repetition_penalty
+# are vLLM's extra parameters, which its OpenAI server accepts in the body too).
+FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "min_p", "repetition_penalty")
+# Integer sampling fields, by one name, with the range their proto field holds (the table's bounds
+# are checked after, by validation): top_k and min_tokens are vLLM's extras.
+INTEGERS = {"top_k": INT32, "min_tokens": (0, UINT32_MAX), "top_logprobs": (0, UINT32_MAX)}
 
 
 @dataclass
@@ -141,6 +146,12 @@ class _Reader:
             return float(value)
         except OverflowError:
             return math.inf
+
+    def boolean(self, value: Any, where: str) -> bool | None:
+        if isinstance(value, bool):
+            return value
+        self.bad(where, f"must be a boolean, not {_kind(value)}")
+        return None
 
     def integer(self, value: Any, where: str, low: int, high: int) -> int | None:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -340,6 +351,17 @@ def _sampling(
     seed = top.get("seed")
     if seed is not None and (value := r.integer(seed, "seed", *INT64)) is not None:
         s.seed = value
+    for name, (low, high) in INTEGERS.items():
+        value = top.get(name)
+        if value is not None and (number := r.integer(value, name, low, high)) is not None:
+            setattr(s, name, number)
+    logprobs = top.get("logprobs")
+    if logprobs is not None and (on := r.boolean(logprobs, "logprobs")) is not None:
+        s.logprobs = on
+    # Our extension: false sends no system prompt where the service would add the model's default.
+    switch = top.get("default_system_prompt")
+    if switch is not None and (on := r.boolean(switch, "default_system_prompt")) is not None:
+        request.default_system_prompt = on
 
 
 def _kind(value: Any) -> str:

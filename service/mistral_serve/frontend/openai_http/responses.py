@@ -7,6 +7,7 @@ carry none, so a resume after the last delta gets them again, once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,8 +64,45 @@ def tool_call(call: chat_pb2.FunctionCall) -> dict[str, Any]:
     }
 
 
+# vLLM's floor for a logprob in JSON, which has no -Infinity.
+LOGPROB_FLOOR = -9999.0
+
+
+def _logprob_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {
+        "token": token,
+        "logprob": max(logprob, LOGPROB_FLOOR),
+        "bytes": list(token.encode("utf-8", errors="replace")),
+    }
+
+
+def logprobs(tokens: Sequence[chat_pb2.TokenLogprob]) -> dict[str, Any] | None:
+    """OpenAI's `choices[0].logprobs`: one entry per token, with its most likely alternatives."""
+    if not tokens:
+        return None
+    return {
+        "content": [
+            {
+                **_logprob_entry(t.token, t.logprob),
+                "top_logprobs": [_logprob_entry(a.token, a.logprob) for a in t.top_logprobs],
+            }
+            for t in tokens
+        ]
+    }
+
+
+def stop_reason(finished: chat_pb2.Finished) -> str | None:
+    """vLLM's `stop_reason` beside the finish reason: the stop sequence that matched, else null."""
+    return finished.stop or None
+
+
 def completion(
-    request_id: str, model: str, created: int, text: str, finished: chat_pb2.Finished
+    request_id: str,
+    model: str,
+    created: int,
+    text: str,
+    finished: chat_pb2.Finished,
+    token_logprobs: Sequence[chat_pb2.TokenLogprob] = (),
 ) -> dict[str, Any]:
     """The non-streaming answer: the whole text, the complete tool calls, the usage."""
     calls = [tool_call(c) for c in finished.tool_calls]
@@ -81,8 +119,9 @@ def completion(
                     "content": text or (None if calls else ""),
                     "tool_calls": calls,
                 },
-                "logprobs": None,
+                "logprobs": logprobs(token_logprobs),
                 "finish_reason": FINISH_REASONS.get(finished.finish_reason, "stop"),
+                "stop_reason": stop_reason(finished),
             }
         ],
         "usage": usage(finished),
@@ -118,11 +157,13 @@ class ChunkWriter:
             body["content"] = delta.text
         if delta.tool_calls:
             body["tool_calls"] = [_call_fragment(f) for f in delta.tool_calls]
-        return self._event(body, sse_id=event_id(self.request_id, delta.sequence))
+        return self._event(
+            body, sse_id=event_id(self.request_id, delta.sequence), token_logprobs=delta.logprobs
+        )
 
     def finished(self, finished: chat_pb2.Finished) -> bytes:
         reason = FINISH_REASONS.get(finished.finish_reason, "stop")
-        out = self._event({}, finish_reason=reason)
+        out = self._event({}, finish_reason=reason, stop=stop_reason(finished))
         if self.include_usage:
             out += _data({**self._head, "choices": [], "usage": usage(finished)})
         return out + DONE
@@ -132,11 +173,24 @@ class ChunkWriter:
         self.outcome = code_name(error.code)
         return _data(from_error_event(error).body) + DONE
 
-    def _event(self, delta: dict[str, Any], *, finish_reason: str | None = None, sse_id: str = "") -> bytes:
-        chunk = {
-            **self._head,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    def _event(
+        self,
+        delta: dict[str, Any],
+        *,
+        finish_reason: str | None = None,
+        stop: str | None = None,
+        sse_id: str = "",
+        token_logprobs: Sequence[chat_pb2.TokenLogprob] = (),
+    ) -> bytes:
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": logprobs(token_logprobs),
+            "finish_reason": finish_reason,
         }
+        if finish_reason is not None:
+            choice["stop_reason"] = stop
+        chunk = {**self._head, "choices": [choice]}
         if self.include_usage:
             chunk["usage"] = None
         framed = _data(chunk)
