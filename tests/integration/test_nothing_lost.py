@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import grpc
+import redis.asyncio
 
+from mistral_serve.common.event_log import read_records
 from mistral_serve.frontend.health import READINESS_SERVICE
 from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
 from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READY
@@ -47,6 +49,7 @@ class RawStream:
         self.arrived: list[float] = []
         self.error: grpc.aio.AioRpcError | None = None
         self.redis_back_at = 0.0
+        self.held_deltas: list[int] = []
 
     async def run(self, port: int, req: chat_pb2.ChatRequest, timeout_s: float) -> RawStream:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -121,6 +124,16 @@ async def run_through_redis_kill(
             stream.redis_back_at = time.monotonic()
         results = await asyncio.gather(*tasks)
         await admitted_again(port, health)
+        # What Redis holds of each request afterwards (what a reattach or a resume reads).
+        client = redis.asyncio.Redis(port=server.port)
+        try:
+            for stream in results:
+                records = await read_records(client, stream.events[0].started.request_id)
+                stream.held_deltas = [
+                    e.delta.sequence for _, r in records for e in r.events if e.WhichOneof("event") == "delta"
+                ]
+        finally:
+            await client.aclose()
         return results
     finally:
         server.stop()
@@ -139,6 +152,8 @@ async def test_redis_without_persistence_restarted_mid_run_loses_nothing_silentl
         assert end is not None
         if end.WhichOneof("event") == "finished":
             assert events_text(stream.events) == undisturbed(i), "finished, but not the whole answer"
+            # Its worker wrote back what Redis lost: a reattach or a resume reads the whole answer.
+            assert stream.held_deltas == list(range(1, TOKENS + 1)), stream.held_deltas[:5]
             finished += 1
         else:
             # One retryable error, never a cancel of a request whose caller is attached.
