@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import pytest
 from google.rpc import code_pb2
@@ -12,6 +14,7 @@ from mistral_serve.frontend.errors import BackendUnavailable
 from mistral_serve.frontend.fanout import History, Subscription
 from mistral_serve.frontend.pipeline import EventStream
 from mistral_serve.v1 import chat_pb2
+from tests.support.waiting import until
 
 
 def delta(n: int) -> chat_pb2.ChatEvent:
@@ -108,3 +111,59 @@ async def test_the_epoch_tells_a_redis_that_lost_its_data_from_one_that_kept_it(
         assert await other.data_lost()  # the other process saw it first and set a new epoch
     assert await epoch.data_lost(), "a Redis without the epoch it had lost everything"
     assert not await epoch.data_lost(), "told once"
+
+
+class FakePipeline:
+    def __init__(self, client: FakeAttachments) -> None:
+        self._client = client
+        self._asked = 0
+
+    async def __aenter__(self) -> FakePipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def exists(self, key: str) -> None:
+        self._asked += 1
+
+    async def execute(self) -> list[int]:
+        self._client.checks += 1
+        return [0] * self._asked  # the attached key is missing (a Redis that came back empty)
+
+
+class FakeAttachments:
+    def __init__(self) -> None:
+        self.checks = 0
+
+    def pipeline(self, transaction: bool = False) -> FakePipeline:
+        return FakePipeline(self)
+
+
+class OneJob:
+    def __init__(self) -> None:
+        from mistral_serve.queue.v1 import queue_pb2
+        from mistral_serve.worker.job import EntryRef, Job
+
+        self.job = Job(EntryRef("s", b"1-0"), queue_pb2.QueuedRequest(request_id="r1"))
+        self.job.generation = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+
+    def held(self) -> list[Any]:
+        return [self.job]
+
+
+async def test_a_missing_attached_key_cancels_only_after_a_full_renewal_period() -> None:
+    from mistral_serve.worker.job import StopReason
+    from mistral_serve.worker.watchers import watch_attachments
+
+    client, jobs = FakeAttachments(), OneJob()
+    patient = asyncio.create_task(watch_attachments(client, jobs, 0.001, renewal_s=3600))  # type: ignore[arg-type]
+    await until(lambda: client.checks >= 5)
+    patient.cancel()
+    assert jobs.job.stop_reason is None, "missing for less than a renewal period: not a caller gone"
+
+    client, jobs = FakeAttachments(), OneJob()
+    prompt = asyncio.create_task(watch_attachments(client, jobs, 0.001, renewal_s=0.01))  # type: ignore[arg-type]
+    await until(lambda: jobs.job.stop_reason is not None)
+    prompt.cancel()
+    assert jobs.job.stop_reason is StopReason.DETACHED
