@@ -20,7 +20,7 @@ from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
 from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READY
 from tests.conftest import Processes, RedisServer, start_redis
 from tests.support.health import wait_serving
-from tests.support.raw_stream import start
+from tests.support.raw_stream import raw_events, reattach, start
 from tests.support.requests import chat, events_text
 from tests.support.waiting import until
 
@@ -50,6 +50,7 @@ class RawStream:
         self.error: grpc.aio.AioRpcError | None = None
         self.redis_back_at = 0.0
         self.held_deltas: list[int] = []
+        self.replayed: list[chat_pb2.ChatEvent] = []
 
     async def run(self, port: int, req: chat_pb2.ChatRequest, timeout_s: float) -> RawStream:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -134,6 +135,10 @@ async def run_through_redis_kill(
                 ]
         finally:
             await client.aclose()
+        # A caller who reattaches after the restart gets the whole answer again (owner key restored).
+        for stream in results:
+            if stream.terminal is not None and stream.terminal.WhichOneof("event") == "finished":
+                stream.replayed = await raw_events(port, reattach(stream.events[0].started.request_id))
         return results
     finally:
         server.stop()
@@ -154,6 +159,7 @@ async def test_redis_without_persistence_restarted_mid_run_loses_nothing_silentl
             assert events_text(stream.events) == undisturbed(i), "finished, but not the whole answer"
             # Its worker wrote back what Redis lost: a reattach or a resume reads the whole answer.
             assert stream.held_deltas == list(range(1, TOKENS + 1)), stream.held_deltas[:5]
+            assert events_text(stream.replayed) == undisturbed(i), "a reattach must replay it whole"
             finished += 1
         else:
             # One retryable error, never a cancel of a request whose caller is attached.

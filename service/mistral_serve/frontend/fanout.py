@@ -10,15 +10,17 @@ nobody follows it anywhere, the key lapses after the detach grace and a worker c
 
 A Redis that comes back without its data (`epoch.RedisEpoch`) is noticed within a restart check: the
 attached keys of every followed request are set again at once (so no worker takes them for callers
-gone), workers get a rewrite window to write back the records they hold, and each followed request
-whose event stream is still missing then (it was queued, or its worker is gone too) ends with one
-retryable error, in seconds rather than at its deadline.
+gone), and so are their owner keys (so their callers can still reattach); workers get a rewrite
+window to write back the records they hold, and each followed request whose event stream is still
+missing then (it was queued, or its worker is gone too) ends with one retryable error, in seconds
+rather than at its deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as redis
@@ -59,9 +61,19 @@ class History:
     last_sequence: int
 
 
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who started a followed request, and until when (unix time) their owner key is kept: what a
+    frontend writes back after a Redis that lost its data, so the caller can still reattach."""
+
+    caller: str
+    keep_until: float
+
+
 @dataclass(eq=False, slots=True)
 class Subscription:
     request_id: str
+    owner: Owner | None = None
     # Batches of events in stream order, as the worker wrote them.
     batches: asyncio.Queue[list[chat_pb2.ChatEvent]] = field(default_factory=asyncio.Queue)
     last_entry_id: bytes = b"0-0"
@@ -89,9 +101,11 @@ class EventFanout:
         self._grace_ms = max(1, int(detach_grace_s * 1000))
         self._subs: dict[bytes, list[Subscription]] = {}
 
-    def open(self, request_id: str, *, after_entry_id: bytes = b"0-0") -> Subscription:
+    def open(
+        self, request_id: str, *, after_entry_id: bytes = b"0-0", owner: Owner | None = None
+    ) -> Subscription:
         """Follow `request_id`'s events after `after_entry_id`; for a new request, call before queuing it."""
-        sub = Subscription(request_id, last_entry_id=after_entry_id)
+        sub = Subscription(request_id, owner=owner, last_entry_id=after_entry_id)
         self._subs.setdefault(keys.events_stream(request_id).encode(), []).append(sub)
         return sub
 
@@ -141,6 +155,7 @@ class EventFanout:
         followed = {key: followers[0].request_id for key, followers in self._subs.items() if followers}
         log.warning("Redis came back without its data; %d followed requests to check", len(followed))
         await self._mark_attached(set(followed.values()))
+        await self._restore_owners()
         await asyncio.sleep(self._rewrite_window_s)
         streams = list(followed)
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -153,6 +168,22 @@ class EventFanout:
             log.warning("request %s was lost with Redis's data", followed[key])
             for sub in self._subs.get(key, []):
                 sub.batches.put_nowait([lost_event()])
+
+    async def _restore_owners(self) -> None:
+        now = time.time()
+        owners = {
+            sub.request_id: sub.owner
+            for followers in self._subs.values()
+            for sub in followers
+            if sub.owner is not None and sub.owner.keep_until > now
+        }
+        if not owners:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, owner in owners.items():
+                ttl_s = max(1, int(owner.keep_until - now))
+                pipe.set(keys.owner_key(request_id), owner.caller.encode(), ex=ttl_s, nx=True)
+            await pipe.execute()
 
     async def _mark_attached(self, request_ids: set[str]) -> None:
         if not request_ids:

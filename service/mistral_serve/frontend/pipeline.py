@@ -24,7 +24,7 @@ from mistral_serve.common.contract import error_event
 from mistral_serve.v1 import chat_pb2
 
 from .errors import BackendUnavailable, FieldViolation, InvalidRequest, NotConfigured, NotFound
-from .fanout import EventFanout, Subscription, lost_event
+from .fanout import EventFanout, Owner, Subscription, lost_event
 from .idempotency import Idempotency, fingerprint
 from .image_urls import ImageFetcher, resolve_image_urls
 from .queue import RequestQueue
@@ -74,7 +74,7 @@ class ChatPipeline:
     ) -> EventStream:
         """The rest of a request `caller` started: `started`, the deltas after `last_sequence`, the end."""
         await self._check_owner(request_id, caller)
-        return await self._attach(request_id, deadline, last_sequence=last_sequence)
+        return await self._attach(request_id, deadline, last_sequence=last_sequence, owner=caller)
 
     async def cancel(self, request_id: str, *, caller: str) -> None:
         """End a request `caller` started, attached or not. Idempotent."""
@@ -126,13 +126,13 @@ class ChatPipeline:
             claim = (caller, original.client_request_id, fingerprint(original), request_id)
             first_id = await self._idempotency.claim(*claim, path="")
             if first_id is not None:
-                return await self._attach(first_id, deadline, last_sequence=0)
+                return await self._attach(first_id, deadline, last_sequence=0, owner=caller)
         queued = form.queued
         queued.request_id = request_id
         queued.deadline_unix = deadline
         queued.admitted_unix = time.time()
         queued.attempt = 1
-        sub = self._fanout.open(request_id)
+        sub = self._fanout.open(request_id, owner=Owner(caller, deadline + self._settings.event_ttl_s))
         try:
             await self._queue.admit(queued, owner=caller)
         except BaseException:
@@ -144,7 +144,9 @@ class ChatPipeline:
         # reattach); the attached key then lapses and a worker cancels it.
         return EventStream(self._fanout, sub, deadline, last_sequence=0, on_deadline=self._cancel_later)
 
-    async def _attach(self, request_id: str, deadline: float, *, last_sequence: int) -> EventStream:
+    async def _attach(
+        self, request_id: str, deadline: float, *, last_sequence: int, owner: str
+    ) -> EventStream:
         """`started`, then the request's events after `last_sequence`: from Redis, then live."""
         history = await self._fanout.history(request_id)
         if last_sequence > history.last_sequence:
@@ -157,7 +159,11 @@ class ChatPipeline:
                     )
                 ]
             )
-        sub = self._fanout.open(request_id, after_entry_id=history.last_entry_id)
+        sub = self._fanout.open(
+            request_id,
+            after_entry_id=history.last_entry_id,
+            owner=Owner(owner, deadline + self._settings.event_ttl_s),
+        )
         # Before any await: live batches the reader delivers from now on must queue behind the history.
         sub.batches.put_nowait(history.events)
         try:
