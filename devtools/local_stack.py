@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,10 +110,19 @@ class RedisServer:
             self.process.terminate()
             self.process.wait(timeout=10)
 
+    def kill(self) -> None:
+        """SIGKILL: what a crash or an OOM kill does, with no chance to save anything."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
 
-def start_redis(data_dir: Path, port: int | None = None, *, log: Path | None = None) -> RedisServer:
+
+def start_redis(
+    data_dir: Path, port: int | None = None, *, log: Path | None = None, flags: Sequence[str] = ()
+) -> RedisServer:
     """A redis-server on loopback, answering PING. On `port` (a restart on the same address), else on a
-    free port, picked again when another process took it first."""
+    free port, picked again when another process took it first. `flags` come after the defaults and
+    win over them (`--appendonly yes` for a Redis that keeps its data across a restart)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise StackError("redis-server is missing: run scripts/install_system_deps.sh (make setup does)")
@@ -121,7 +130,17 @@ def start_redis(data_dir: Path, port: int | None = None, *, log: Path | None = N
         chosen = port or free_port()
         out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
         process = subprocess.Popen(
-            [binary, "--port", str(chosen), "--bind", "127.0.0.1", "--dir", str(data_dir), *REDIS_FLAGS],
+            [
+                binary,
+                "--port",
+                str(chosen),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(data_dir),
+                *REDIS_FLAGS,
+                *flags,
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
             process_group=0,  # see LocalStack.spawn

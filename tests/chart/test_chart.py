@@ -700,7 +700,7 @@ def test_reattach_grace_and_worker_lease_reach_the_processes(chart: helm.Chart) 
     assert env_value(worker(objects), "MISTRAL_SERVE_LEASE_MS") == "8000"
     defaults = render(chart, {})
     assert env_value(frontend(defaults), "MISTRAL_SERVE_DETACH_GRACE_S") == "30"
-    assert env_value(worker(defaults), "MISTRAL_SERVE_LEASE_MS") == "15000"
+    assert env_value(worker(defaults), "MISTRAL_SERVE_LEASE_MS") == "3000"
 
 
 # --- scaling and disruption ---------------------------------------------------------------------

@@ -119,7 +119,7 @@ async def follow_raw(
 async def test_detached_request_runs_through_the_grace_then_frees_its_engine_slot(stack: Stack) -> None:
     frontend = await stack.frontend(detach_grace_s=1.5)
     engine = ScriptedEngine(tokens_per_s=20, default_tokens=1000)
-    await stack.worker(engine, attach_check_interval_s=0.05)
+    await stack.worker(engine, attach_check_interval_s=0.05, detach_grace_s=1.5)
     client = stack.client(frontend)
     request_id, _ = await follow_then_drop(frontend.port, "walk away", 1)  # and never comes back
     left_at = engine.emitted[request_id]

@@ -147,6 +147,9 @@ class ChatClient:
                     elif kind == "delta":
                         if event.delta.sequence <= last_sequence:
                             continue
+                        if event.delta.sequence != last_sequence + 1:
+                            # Never passed on: reattach after the last delta received instead.
+                            raise _gap(last_sequence, event.delta.sequence)
                         last_sequence = event.delta.sequence
                     yield event
                     if kind in ("finished", "error"):
@@ -227,6 +230,15 @@ def _broken_stream() -> grpc.aio.AioRpcError:
         grpc.aio.Metadata(),
         grpc.aio.Metadata(),
         "the stream ended with no terminal event",
+    )
+
+
+def _gap(last: int, got: int) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        f"delta {got} came after delta {last}: a gap",
     )
 
 

@@ -61,3 +61,9 @@ def attached_key(request_id: str) -> str:
     """Present while some caller follows the request; frontends renew it, and it lapses one detach
     grace after the last caller left. A worker cancels a running request whose key lapsed."""
     return f"{PREFIX}:req:{request_id}:attached"
+
+
+def epoch_key(pool: str) -> str:
+    """A random value set once and never expired: a Redis that comes back without it lost its data
+    (`epoch.RedisEpoch`)."""
+    return f"{PREFIX}:{pool}:epoch"

@@ -39,6 +39,9 @@ class SharedSettings:
     event_ttl_s: int = 600
     # After SIGTERM, open work gets this long to finish.
     drain_grace_s: float = 30.0
+    # A request nobody follows runs on this long for its caller to reattach, then is cancelled.
+    # Frontends renew the attached key every third of it; workers cancel once it was missing that long.
+    detach_grace_s: float = 30.0
     # text or json.
     log_format: str = "text"
     # The model: a hub id or a local folder in Mistral's layout (MISTRAL_SERVE_MODEL).
@@ -65,6 +68,7 @@ class SharedSettings:
             "pool": env_str("POOL", cls.pool),
             "event_ttl_s": env_int("EVENT_TTL_S", cls.event_ttl_s, minimum=1),
             "drain_grace_s": env_float("DRAIN_GRACE_S", cls.drain_grace_s, minimum=0.0),
+            "detach_grace_s": env_float("DETACH_GRACE_S", cls.detach_grace_s, minimum=0.05),
             "log_format": env_str("LOG_FORMAT", cls.log_format),
             "model_name": env_str("MODEL", cls.model_name),
             "served_model_name_override": env_opt_str("SERVED_MODEL_NAME"),

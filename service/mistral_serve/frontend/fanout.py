@@ -7,24 +7,42 @@ read at once instead of after the block times out. Several subscriptions may fol
 
 While a request has a subscription here, this process keeps the request's attached key alive; once
 nobody follows it anywhere, the key lapses after the detach grace and a worker cancels the request.
+
+A Redis that comes back without its data (`epoch.RedisEpoch`) is noticed within a restart check: the
+attached keys of every followed request are set again at once (so no worker takes them for callers
+gone), and so are their owner keys (so their callers can still reattach); workers get a rewrite
+window to write back the records they hold, and each followed request whose event stream is still
+missing then (it was queued, or its worker is gone too) ends with one retryable error, in seconds
+rather than at its deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as redis
+from google.rpc import code_pb2
 from redis.exceptions import RedisError
 
 from mistral_serve.common import keys, retry
+from mistral_serve.common.contract import error_event
+from mistral_serve.common.epoch import RedisEpoch
 from mistral_serve.common.event_log import parse_record, read_records
 from mistral_serve.v1 import chat_pb2
 
 from .errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
+
+
+def lost_event() -> chat_pb2.ChatEvent:
+    """The one terminal event of a request whose answer Redis lost (and nobody could restore)."""
+    return error_event(
+        code_pb2.UNAVAILABLE, "the answer was lost with the queue; send it again", retryable=True
+    )
 
 
 def entry_order(entry_id: bytes) -> tuple[int, int]:
@@ -43,9 +61,19 @@ class History:
     last_sequence: int
 
 
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who started a followed request, and until when (unix time) their owner key is kept: what a
+    frontend writes back after a Redis that lost its data, so the caller can still reattach."""
+
+    caller: str
+    keep_until: float
+
+
 @dataclass(eq=False, slots=True)
 class Subscription:
     request_id: str
+    owner: Owner | None = None
     # Batches of events in stream order, as the worker wrote them.
     batches: asyncio.Queue[list[chat_pb2.ChatEvent]] = field(default_factory=asyncio.Queue)
     last_entry_id: bytes = b"0-0"
@@ -53,18 +81,31 @@ class Subscription:
 
 class EventFanout:
     def __init__(
-        self, client: redis.Redis, frontend_id: str, *, block_ms: int = 1000, detach_grace_s: float = 30.0
+        self,
+        client: redis.Redis,
+        frontend_id: str,
+        *,
+        pool: str = "default",
+        block_ms: int = 1000,
+        detach_grace_s: float = 30.0,
+        restart_check_s: float = 0.5,
+        rewrite_window_s: float = 2.0,
     ) -> None:
         self._redis = client
+        self._epoch = RedisEpoch(client, pool)
+        self._restart_check_s = restart_check_s
+        self._rewrite_window_s = rewrite_window_s
         self._wake_key = keys.wake_stream(frontend_id).encode()
         self._wake_last = b"0-0"
         self._block_ms = block_ms
         self._grace_ms = max(1, int(detach_grace_s * 1000))
         self._subs: dict[bytes, list[Subscription]] = {}
 
-    def open(self, request_id: str, *, after_entry_id: bytes = b"0-0") -> Subscription:
+    def open(
+        self, request_id: str, *, after_entry_id: bytes = b"0-0", owner: Owner | None = None
+    ) -> Subscription:
         """Follow `request_id`'s events after `after_entry_id`; for a new request, call before queuing it."""
-        sub = Subscription(request_id, last_entry_id=after_entry_id)
+        sub = Subscription(request_id, owner=owner, last_entry_id=after_entry_id)
         self._subs.setdefault(keys.events_stream(request_id).encode(), []).append(sub)
         return sub
 
@@ -97,7 +138,60 @@ class EventFanout:
             raise BackendUnavailable(f"the event stream is unreachable: {exc}") from exc
 
     async def run(self) -> None:
-        await asyncio.gather(self._read_forever(), self._keep_attached())
+        await asyncio.gather(self._read_forever(), self._keep_attached(), self._watch_restarts())
+
+    async def _watch_restarts(self) -> None:
+        while True:
+            try:
+                if await self._epoch.data_lost():
+                    await self._recover()
+            except RedisError as exc:
+                log.debug("restart check: Redis unreachable (%s)", exc)
+            await asyncio.sleep(self._restart_check_s)
+
+    async def _recover(self) -> None:
+        """After Redis lost its data: mark every followed request attached again now, give workers
+        the rewrite window, then end the requests whose events nobody put back."""
+        followed = {key: followers[0].request_id for key, followers in self._subs.items() if followers}
+        log.warning("Redis came back without its data; %d followed requests to check", len(followed))
+        await self._mark_attached(set(followed.values()))
+        await self._restore_owners()
+        await asyncio.sleep(self._rewrite_window_s)
+        streams = list(followed)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in streams:
+                pipe.exists(key)
+            present = await pipe.execute()
+        for key, exists in zip(streams, present, strict=True):
+            if exists:
+                continue
+            log.warning("request %s was lost with Redis's data", followed[key])
+            for sub in self._subs.get(key, []):
+                sub.batches.put_nowait([lost_event()])
+
+    async def _restore_owners(self) -> None:
+        now = time.time()
+        owners = {
+            sub.request_id: sub.owner
+            for followers in self._subs.values()
+            for sub in followers
+            if sub.owner is not None and sub.owner.keep_until > now
+        }
+        if not owners:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, owner in owners.items():
+                ttl_s = max(1, int(owner.keep_until - now))
+                pipe.set(keys.owner_key(request_id), owner.caller.encode(), ex=ttl_s, nx=True)
+            await pipe.execute()
+
+    async def _mark_attached(self, request_ids: set[str]) -> None:
+        if not request_ids:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.set(keys.attached_key(request_id), b"1", px=self._grace_ms)
+            await pipe.execute()
 
     async def _read_forever(self) -> None:
         self._wake_last = await retry.until_done(
@@ -112,13 +206,8 @@ class EventFanout:
         while True:
             await asyncio.sleep(self._grace_ms / 3000)
             request_ids = {followers[0].request_id for followers in self._subs.values() if followers}
-            if not request_ids:
-                continue
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for request_id in request_ids:
-                        pipe.set(keys.attached_key(request_id), b"1", px=self._grace_ms)
-                    await pipe.execute()
+                await self._mark_attached(request_ids)
             except RedisError as exc:
                 log.warning("cannot renew attachments: %s", exc)
 

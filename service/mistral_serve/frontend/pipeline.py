@@ -9,6 +9,7 @@ raised here are relative to the ChatRequest (`messages[0].content[1]`) or to the
 from __future__ import annotations
 
 import asyncio
+import enum
 import hmac
 import logging
 import time
@@ -22,8 +23,8 @@ from google.rpc import code_pb2
 from mistral_serve.common.contract import error_event
 from mistral_serve.v1 import chat_pb2
 
-from .errors import FieldViolation, InvalidRequest, NotConfigured, NotFound
-from .fanout import EventFanout, Subscription
+from .errors import BackendUnavailable, FieldViolation, InvalidRequest, NotConfigured, NotFound
+from .fanout import EventFanout, Owner, Subscription, lost_event
 from .idempotency import Idempotency, fingerprint
 from .image_urls import ImageFetcher, resolve_image_urls
 from .queue import RequestQueue
@@ -73,7 +74,7 @@ class ChatPipeline:
     ) -> EventStream:
         """The rest of a request `caller` started: `started`, the deltas after `last_sequence`, the end."""
         await self._check_owner(request_id, caller)
-        return await self._attach(request_id, deadline, last_sequence=last_sequence)
+        return await self._attach(request_id, deadline, last_sequence=last_sequence, owner=caller)
 
     async def cancel(self, request_id: str, *, caller: str) -> None:
         """End a request `caller` started, attached or not. Idempotent."""
@@ -129,13 +130,13 @@ class ChatPipeline:
             claim = (caller, original.client_request_id, fingerprint(original), request_id)
             first_id = await self._idempotency.claim(*claim, path="")
             if first_id is not None:
-                return await self._attach(first_id, deadline, last_sequence=0)
+                return await self._attach(first_id, deadline, last_sequence=0, owner=caller)
         queued = form.queued
         queued.request_id = request_id
         queued.deadline_unix = deadline
         queued.admitted_unix = time.time()
         queued.attempt = 1
-        sub = self._fanout.open(request_id)
+        sub = self._fanout.open(request_id, owner=Owner(caller, deadline + self._settings.event_ttl_s))
         try:
             await self._queue.admit(queued, owner=caller)
         except BaseException:
@@ -147,7 +148,9 @@ class ChatPipeline:
         # reattach); the attached key then lapses and a worker cancels it.
         return EventStream(self._fanout, sub, deadline, last_sequence=0, on_deadline=self._cancel_later)
 
-    async def _attach(self, request_id: str, deadline: float, *, last_sequence: int) -> EventStream:
+    async def _attach(
+        self, request_id: str, deadline: float, *, last_sequence: int, owner: str
+    ) -> EventStream:
         """`started`, then the request's events after `last_sequence`: from Redis, then live."""
         history = await self._fanout.history(request_id)
         if last_sequence > history.last_sequence:
@@ -160,7 +163,11 @@ class ChatPipeline:
                     )
                 ]
             )
-        sub = self._fanout.open(request_id, after_entry_id=history.last_entry_id)
+        sub = self._fanout.open(
+            request_id,
+            after_entry_id=history.last_entry_id,
+            owner=Owner(owner, deadline + self._settings.event_ttl_s),
+        )
         # Before any await: live batches the reader delivers from now on must queue behind the history.
         sub.batches.put_nowait(history.events)
         try:
@@ -247,14 +254,55 @@ class EventStream:
             )
             self.close()
             return
+        await self._deliver(batch)
+
+    async def _deliver(self, batch: list[chat_pb2.ChatEvent]) -> None:
+        """Queue `batch`'s new events for the caller, each delta last+1. A gap is never passed on as
+        success: what Redis still holds fills it, or the stream ends with the one `lost` error."""
         for event in batch:
-            kind = event.WhichOneof("event")
-            if kind == "delta":
-                # A resumed or replayed stream may repeat what this caller already has.
-                if event.delta.sequence <= self._last_sequence:
-                    continue
-                self._last_sequence = event.delta.sequence
-            self._pending.append(event)
-            if kind in TERMINAL:
-                self.close()
+            accepted = self._accept(event)
+            if accepted is _Accepted.GAP:
+                filled = await self._fill_gap()
+                if self._sub is None:  # what Redis holds reached the terminal event
+                    return
+                if not filled or self._accept(event) is _Accepted.GAP:
+                    self._pending.append(lost_event())
+                    self.close()
+                    return
+            if self._sub is None:  # the terminal event, queued by `_accept` or found by `_fill_gap`
                 return
+
+    def _accept(self, event: chat_pb2.ChatEvent) -> _Accepted:
+        """Queue `event` if it comes next; a delta this caller has is dropped, one after a gap refused."""
+        kind = event.WhichOneof("event")
+        if kind == "delta":
+            # A resumed, replayed or rewritten stream may repeat what this caller already has.
+            if event.delta.sequence <= self._last_sequence:
+                return _Accepted.DROPPED
+            if event.delta.sequence != self._last_sequence + 1:
+                return _Accepted.GAP
+            self._last_sequence = event.delta.sequence
+        self._pending.append(event)
+        if kind in TERMINAL:
+            self.close()
+        return _Accepted.QUEUED
+
+    async def _fill_gap(self) -> bool:
+        """Queue the deltas after the last one sent from what Redis holds; whether that went on
+        without a gap (to the end of what it holds, or to the terminal event)."""
+        try:
+            history = await self._fanout.history(self.request_id)
+        except BackendUnavailable:
+            return False
+        for event in history.events:
+            if self._accept(event) is _Accepted.GAP:
+                return False
+            if self._sub is None:
+                return True
+        return True
+
+
+class _Accepted(enum.Enum):
+    QUEUED = "queued"
+    DROPPED = "dropped"
+    GAP = "gap"

@@ -97,7 +97,9 @@ async def start_frontend(
     await refuse_evicting_redis(client)
     metrics = FrontendMetrics(settings.pool)
     tracer = get_tracer(tracer_provider)
-    fanout = EventFanout(client, settings.instance_id, detach_grace_s=settings.detach_grace_s)
+    fanout = EventFanout(
+        client, settings.instance_id, pool=settings.pool, detach_grace_s=settings.detach_grace_s
+    )
     queue = RequestQueue(
         client,
         pool=settings.pool,

@@ -33,8 +33,6 @@ class FrontendSettings(SharedSettings):
     retry_after_s: float = 1.0
     # Deadline applied when the caller sets none.
     default_deadline_s: float = 600.0
-    # A request nobody follows runs on this long for its caller to reattach, then is cancelled.
-    detach_grace_s: float = 30.0
     # Largest request message gRPC accepts, and the most image bytes one queued request may carry
     # (it is stored in Redis). Larger messages are refused by gRPC itself (RESOURCE_EXHAUSTED).
     max_receive_message_bytes: int = 64 * 1024 * 1024
@@ -117,7 +115,6 @@ class FrontendSettings(SharedSettings):
             max_backlog=env_int("MAX_BACKLOG", cls.max_backlog, minimum=1),
             retry_after_s=env_float("RETRY_AFTER_S", cls.retry_after_s, minimum=0.0),
             default_deadline_s=env_float("DEFAULT_DEADLINE_S", cls.default_deadline_s, minimum=0.001),
-            detach_grace_s=env_float("DETACH_GRACE_S", cls.detach_grace_s, minimum=0.05),
             max_receive_message_bytes=env_int(
                 "MAX_RECEIVE_MESSAGE_BYTES", cls.max_receive_message_bytes, minimum=1024
             ),

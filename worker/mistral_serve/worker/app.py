@@ -13,6 +13,7 @@ import redis.asyncio as redis
 from opentelemetry import trace
 
 from mistral_serve.common import keys
+from mistral_serve.common.epoch import RedisEpoch
 from mistral_serve.common.ports import report_ports
 from mistral_serve.common.redis_client import connect, refuse_evicting_redis
 from mistral_serve.common.telemetry import MetricsServer, get_tracer, serve_metrics
@@ -23,6 +24,7 @@ from .engine import Engine
 from .events import EventWriter
 from .health import WorkerHealth
 from .metrics import WorkerMetrics
+from .restarts import RestartGuard, watch_restarts
 from .settings import WorkerSettings
 from .tracing import WorkerTelemetry
 
@@ -122,14 +124,22 @@ async def start_worker(
         max_attempts=settings.max_attempts,
     )
     await consumer.ensure_group()
+    epoch = RedisEpoch(client, settings.pool)
+    await epoch.data_lost()  # the epoch this worker starts in
+    guard = RestartGuard(epoch, writer, consumer, consumer.ensure_group)
     metrics.inflight.set_function(lambda: consumer.inflight)
     tasks = [
         health_task,
         loop.create_task(writer.run()),
         loop.create_task(consumer.run()),
         loop.create_task(watchers.listen_for_cancels(client, keys.cancel_channel(settings.pool), consumer)),
-        loop.create_task(watchers.keep_leases(consumer.leases, consumer, consumer.streams)),
-        loop.create_task(watchers.watch_attachments(client, consumer, settings.attach_check_interval_s)),
+        loop.create_task(watchers.keep_leases(consumer.leases, consumer, consumer.streams, guard.check)),
+        loop.create_task(
+            watchers.watch_attachments(
+                client, consumer, settings.attach_check_interval_s, renewal_s=settings.detach_grace_s / 3
+            )
+        ),
+        loop.create_task(watch_restarts(guard, settings.restart_check_interval_s)),
     ]
     if deep_health:
         tasks.append(loop.create_task(health.run_deep(settings.deep_health_interval_s)))

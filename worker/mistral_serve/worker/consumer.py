@@ -12,15 +12,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import redis.asyncio as redis
 from google.rpc import code_pb2
 from redis.exceptions import RedisError, ResponseError
 
-from mistral_serve.common import keys
+from mistral_serve.common import keys, retry
 from mistral_serve.common.contract import error_event
+from mistral_serve.common.event_log import read_records
 from mistral_serve.common.retry import Backoff
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
@@ -33,6 +34,7 @@ from .leases import Entry, Leases
 from .tracing import WorkerTelemetry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Consumer:
@@ -47,7 +49,7 @@ class Consumer:
         consumer_name: str,
         max_inflight: int,
         block_ms: int,
-        lease_ms: int = 15000,
+        lease_ms: int = 3000,
         max_attempts: int = 3,
     ) -> None:
         self._redis = client
@@ -191,6 +193,7 @@ class Consumer:
     def _job_done(self, job: Job, task: asyncio.Task[None]) -> None:
         if self._jobs.get(job.ref) is job:
             del self._jobs[job.ref]
+        self._writer.forget(job.request_id)
         self._slot_free.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("job failed outside its error handling", exc_info=task.exception())
@@ -212,8 +215,17 @@ class Consumer:
         """Run the job if it should run; its terminal event, or None when one was written already."""
         resume: Resume | None = None
         if claimed:
-            job.attempt = await self.leases.delivery_count(job.ref.stream, job.ref.entry_id)
-            resume = await Resume.read(self._redis, job.request_id)
+            job.attempt = await self._retried(
+                lambda: self.leases.delivery_count(job.ref.stream, job.ref.entry_id), job, "reading its runs"
+            )
+            records = [
+                record
+                for _, record in await self._retried(
+                    lambda: read_records(self._redis, job.request_id), job, "reading its records"
+                )
+            ]
+            resume = Resume.from_records(records)
+            self._writer.seed(job.request_id, records)
             if resume.finished:
                 return None  # the lost worker wrote the end but died before its ack
             if job.attempt > self._max_attempts:
@@ -240,11 +252,18 @@ class Consumer:
                 code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed while it was queued"
             )
         # A cancel message that arrives while the flag is read is recorded by `Job.stop`, seen below.
-        if await self._redis.exists(keys.cancel_flag(job.request_id)):
+        if await self._retried(
+            lambda: self._redis.exists(keys.cancel_flag(job.request_id)), job, "reading its cancel flag"
+        ):
             job.stop(StopReason.CANCELLED)
         if job.stop_reason is not None:
             return stopped_event(job.stop_reason, started=False)
         return None
+
+    async def _retried(self, op: Callable[[], Awaitable[T]], job: Job, what: str) -> T:
+        """`op()` (a Redis read a job's start needs), retried while Redis is unreachable: a start
+        that meets a Redis blip waits it out instead of leaving the job for its lease."""
+        return await retry.until_done(op, log=log, what=f"starting request {job.request_id}: {what}")
 
     async def _generate(self, job: Job, resume: Resume | None) -> chat_pb2.ChatEvent:
         loop = asyncio.get_running_loop()

@@ -5,6 +5,9 @@ end of a stream are what callers feel); the deltas in between wait up to the flu
 until a request has `max_events` pending, so the worker makes a few writes per engine step
 instead of one per token. Each record also carries the engine output its events were made from
 (token ids, raw text), which is what a worker taking over a lost job resumes from.
+
+The writer also keeps every record it wrote for a running request (and the records a resumed run
+started from), so that after a Redis that came back empty it can write them all again (`rewrite`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,10 @@ class EventWriter:
         self._waiters: list[asyncio.Future[None]] = []
         self._has_data = asyncio.Event()
         self._urgent = asyncio.Event()
+        # Every record in Redis for each running request, in order: what `rewrite` puts back.
+        self._written: dict[str, list[queue_pb2.EventRecord]] = {}
+        # Writes and rewrites never interleave: a rewrite replaces a stream whole.
+        self._lock = asyncio.Lock()
         self.writes = 0  # round trips made, for tests and benchmarks
 
     def emit(
@@ -86,6 +93,34 @@ class EventWriter:
         self.emit(request_id, event, urgent=True)
         self._pending[request_id].final = True
         await done
+
+    def seed(self, request_id: str, records: Iterable[queue_pb2.EventRecord]) -> None:
+        """Records an earlier run wrote for `request_id`, which a resumed run goes on from."""
+        self._written[request_id] = list(records)
+
+    def forget(self, request_id: str) -> None:
+        """The job ended on this worker: its records are no longer this worker's to restore."""
+        self._written.pop(request_id, None)
+
+    async def rewrite(self, request_ids: Iterable[str]) -> int:
+        """Write again every record of `request_ids` this worker holds, each stream replaced whole in
+        one transaction (a reader sees the old stream or the new one); return the streams written.
+
+        Followers read the rewritten stream from its new ids and drop the deltas they already have.
+        """
+        async with self._lock:
+            streams = {rid: self._written[rid] for rid in request_ids if self._written.get(rid)}
+            if not streams:
+                return 0
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for request_id, records in streams.items():
+                    stream = keys.events_stream(request_id)
+                    pipe.delete(stream)
+                    for record in records:
+                        pipe.xadd(stream, {keys.EVENT_FIELD: record.SerializeToString()})
+                    pipe.expire(stream, self._ttl_s)
+                await pipe.execute()
+            return len(streams)
 
     async def run(self) -> None:
         backoff = retry.Backoff()
@@ -118,14 +153,19 @@ class EventWriter:
         self._urgent.set()
 
     async def _write(self, batch: dict[str, _Pending]) -> None:
+        async with self._lock:
+            await self._write_locked(batch)
+
+    async def _write_locked(self, batch: dict[str, _Pending]) -> None:
         # A stream's TTL is set on its first record, renewed every half TTL, and set again on its last:
         # an EXPIRE per record would double the commands of every flush.
         now = time.monotonic()
         renewed = []
+        records = {request_id: pending.record() for request_id, pending in batch.items()}
         async with self._redis.pipeline(transaction=False) as pipe:
             for request_id, pending in batch.items():
                 stream = keys.events_stream(request_id)
-                pipe.xadd(stream, {keys.EVENT_FIELD: pending.record().SerializeToString()})
+                pipe.xadd(stream, {keys.EVENT_FIELD: records[request_id].SerializeToString()})
                 set_at = self._ttl_set_at.get(request_id)
                 if pending.final or set_at is None or now - set_at > self._ttl_s / 2:
                     pipe.expire(stream, self._ttl_s)
@@ -136,4 +176,7 @@ class EventWriter:
         for request_id, pending in batch.items():
             if pending.final:
                 self._ttl_set_at.pop(request_id, None)
+                self._written.pop(request_id, None)
+            else:
+                self._written.setdefault(request_id, []).append(records[request_id])
         self.writes += 1

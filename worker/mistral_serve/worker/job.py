@@ -53,6 +53,9 @@ class Job:
     stop_reason: StopReason | None = None
     # Set once the generation ended: a stop after that changes nothing.
     ended: bool = field(default=False)
+    # Redis came back without the job's queue entry: no lease is left to keep or lose, and no other
+    # worker can claim it, so this worker runs it to its end (`restarts.RestartGuard`).
+    unleased: bool = field(default=False)
 
     @property
     def request_id(self) -> str:

@@ -28,11 +28,13 @@ class WorkerSettings(SharedSettings):
     health_port: int = 50052
     # A running job's lease: refreshed every third of it; a job whose lease lapsed (its worker was
     # lost) is claimed by another worker, which resumes it after the tokens already streamed.
-    lease_ms: int = 15000
+    lease_ms: int = 3000
     # Runs of one request (first run plus resumes) before it ends with an error.
     max_attempts: int = 3
     # How often running requests are checked for a caller still attached (see DETACH_GRACE_S).
     attach_check_interval_s: float = 1.0
+    # How often Redis is checked for a restart that lost its data (`restarts.RestartGuard`).
+    restart_check_interval_s: float = 0.5
     # How one XREADGROUP waits for new requests.
     block_ms: int = 1000
     # "vllm", or "package.module:factory" for a callable returning an Engine.
@@ -61,6 +63,9 @@ class WorkerSettings(SharedSettings):
             max_attempts=env_int("MAX_ATTEMPTS", cls.max_attempts, minimum=1),
             attach_check_interval_s=env_float(
                 "ATTACH_CHECK_INTERVAL_S", cls.attach_check_interval_s, minimum=0.01
+            ),
+            restart_check_interval_s=env_float(
+                "RESTART_CHECK_INTERVAL_S", cls.restart_check_interval_s, minimum=0.01
             ),
             engine=env_str("ENGINE", cls.engine),
             trace_content=env_bool("TRACE_CONTENT", cls.trace_content),

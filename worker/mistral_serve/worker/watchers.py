@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import redis.asyncio as redis
@@ -47,11 +48,20 @@ async def listen_for_cancels(client: redis.Redis, channel: str, jobs: Jobs) -> N
             await asyncio.sleep(0.5)
 
 
-async def watch_attachments(client: redis.Redis, jobs: Jobs, interval_s: float) -> None:
-    """Stop running jobs nobody has followed for their detach grace (their attachment key lapsed)."""
+async def watch_attachments(client: redis.Redis, jobs: Jobs, interval_s: float, renewal_s: float) -> None:
+    """Stop running jobs nobody has followed for their detach grace (their attachment key lapsed).
+
+    A job is stopped only once its key was missing for `renewal_s`, the period at which frontends
+    renew it: a Redis that came back empty has lost every key, and the frontends put them back
+    within that period, so a missing key alone is not a caller gone.
+    """
+    missing_since: dict[str, float] = {}
     while True:
         await asyncio.sleep(interval_s)
         running = [job for job in jobs.held() if job.generation is not None and not job.ended]
+        running_ids = {job.request_id for job in running}
+        for request_id in [rid for rid in missing_since if rid not in running_ids]:
+            del missing_since[request_id]
         if not running:
             continue
         try:
@@ -62,19 +72,29 @@ async def watch_attachments(client: redis.Redis, jobs: Jobs, interval_s: float) 
         except RedisError as exc:
             log.warning("cannot check attachments: %s", exc)
             continue
+        now = time.monotonic()
         for job, present in zip(running, attached, strict=True):
-            if not present:
+            if present:
+                missing_since.pop(job.request_id, None)
+                continue
+            if now - missing_since.setdefault(job.request_id, now) >= renewal_s:
                 log.info("request %s: nobody attached for its detach grace; cancelling", job.request_id)
                 job.stop(StopReason.DETACHED)
 
 
-async def keep_leases(leases: Leases, jobs: Jobs, streams: Sequence[str]) -> None:
-    """Renew the leases of the jobs held and take over jobs whose lease lapsed on another worker."""
+async def keep_leases(
+    leases: Leases, jobs: Jobs, streams: Sequence[str], restarted: Callable[[], Awaitable[bool]]
+) -> None:
+    """Renew the leases of the jobs held and take over jobs whose lease lapsed on another worker.
+
+    `restarted` is asked before a missing entry counts as a lease lost: after a Redis that came back
+    empty every entry is missing, and those jobs are this worker's to finish (`restarts`).
+    """
     while True:
         await asyncio.sleep(leases.lease_ms / 3000)
         try:
             for stream in streams:
-                await _renew(leases, jobs, stream)
+                await _renew(leases, jobs, stream, restarted)
             for stream in streams:
                 if (free := jobs.free_slots()) > 0:
                     jobs.start_claimed(stream, await leases.claim_lapsed(stream, free))
@@ -82,10 +102,13 @@ async def keep_leases(leases: Leases, jobs: Jobs, streams: Sequence[str]) -> Non
             log.warning("lease upkeep failed: %s", exc)
 
 
-async def _renew(leases: Leases, jobs: Jobs, stream: str) -> None:
-    held = {job.ref: job for job in jobs.held() if job.ref.stream == stream}
-    for lost in await leases.refresh(stream, [ref.entry_id for ref in held]):
-        job = held.get(EntryRef(stream, lost))
-        if job is not None:
+async def _renew(leases: Leases, jobs: Jobs, stream: str, restarted: Callable[[], Awaitable[bool]]) -> None:
+    held = {job.ref: job for job in jobs.held() if job.ref.stream == stream and not job.unleased}
+    lost = await leases.refresh(stream, [ref.entry_id for ref in held])
+    if lost:
+        await restarted()
+    for entry_id in lost:
+        job = held.get(EntryRef(stream, entry_id))
+        if job is not None and not job.unleased:
             log.warning("lost the lease of request %s to another worker", job.request_id)
             job.stop(StopReason.LEASE_LOST)
