@@ -718,7 +718,7 @@ def test_keda_scales_workers_on_the_request_stream(chart: helm.Chart) -> None:
         assert trigger["type"] == "redis-streams"
         meta = trigger["metadata"]
         assert meta["address"] == f"{FULLNAME}-redis.{NAMESPACE}.svc:6379"
-        assert meta["consumerGroup"] == "workers"
+        assert meta["consumerGroup"] == keys.WORKER_GROUP
         assert int(meta["pendingEntriesCount"]) < int(
             env_value(worker(objects), "MISTRAL_SERVE_WORKER_MAX_INFLIGHT")
         )

@@ -53,10 +53,17 @@ class Subscription:
 
 class EventFanout:
     def __init__(
-        self, client: redis.Redis, frontend_id: str, *, block_ms: int = 1000, detach_grace_s: float = 30.0
+        self,
+        client: redis.Redis,
+        frontend_id: str,
+        *,
+        pool: str,
+        block_ms: int = 1000,
+        detach_grace_s: float = 30.0,
     ) -> None:
         self._redis = client
-        self._wake_key = keys.wake_stream(frontend_id).encode()
+        self._pool = pool
+        self._wake_key = keys.wake_stream(pool, frontend_id).encode()
         self._wake_last = b"0-0"
         self._block_ms = block_ms
         self._grace_ms = max(1, int(detach_grace_s * 1000))
@@ -65,11 +72,11 @@ class EventFanout:
     def open(self, request_id: str, *, after_entry_id: bytes = b"0-0") -> Subscription:
         """Follow `request_id`'s events after `after_entry_id`; for a new request, call before queuing it."""
         sub = Subscription(request_id, last_entry_id=after_entry_id)
-        self._subs.setdefault(keys.events_stream(request_id).encode(), []).append(sub)
+        self._subs.setdefault(keys.events_stream(self._pool, request_id).encode(), []).append(sub)
         return sub
 
     def close(self, sub: Subscription) -> None:
-        key = keys.events_stream(sub.request_id).encode()
+        key = keys.events_stream(self._pool, sub.request_id).encode()
         followers = self._subs.get(key, [])
         if sub in followers:
             followers.remove(sub)
@@ -79,7 +86,7 @@ class EventFanout:
     async def history(self, request_id: str) -> History:
         """Every event written for `request_id` so far, for a caller who reattaches."""
         try:
-            records = await read_records(self._redis, request_id)
+            records = await read_records(self._redis, self._pool, request_id)
         except RedisError as exc:
             raise BackendUnavailable(f"the event stream is unreachable: {exc}") from exc
         events = [event for _, record in records for event in record.events]
@@ -90,8 +97,8 @@ class EventFanout:
         """Mark `request_id` followed at once, and make the blocked read include it now."""
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(keys.attached_key(request_id), b"1", px=self._grace_ms)
-                pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=100)
+                pipe.set(keys.attached_key(self._pool, request_id), b"1", px=self._grace_ms)
+                pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=keys.WAKE_MAXLEN)
                 await pipe.execute()
         except RedisError as exc:
             raise BackendUnavailable(f"the event stream is unreachable: {exc}") from exc
@@ -101,7 +108,7 @@ class EventFanout:
 
     async def _read_forever(self) -> None:
         self._wake_last = await retry.until_done(
-            lambda: self._redis.xadd(self._wake_key, {b"w": b"0"}, maxlen=100),
+            lambda: self._redis.xadd(self._wake_key, {b"w": b"0"}, maxlen=keys.WAKE_MAXLEN),
             log=log,
             what="starting the event reader",
         )
@@ -117,7 +124,7 @@ class EventFanout:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for request_id in request_ids:
-                        pipe.set(keys.attached_key(request_id), b"1", px=self._grace_ms)
+                        pipe.set(keys.attached_key(self._pool, request_id), b"1", px=self._grace_ms)
                     await pipe.execute()
             except RedisError as exc:
                 log.warning("cannot renew attachments: %s", exc)

@@ -29,7 +29,7 @@ if backlog >= tonumber(ARGV[1]) then
   return false
 end
 local id = redis.call('XADD', KEYS[5], '*', ARGV[2], ARGV[3])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100', '*', 'w', '1')
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'w', '1')
 redis.call('EXPIRE', KEYS[4], 3600)
 redis.call('SET', KEYS[6], ARGV[4], 'EX', ARGV[5])
 redis.call('SET', KEYS[7], '1', 'PX', ARGV[6])
@@ -65,7 +65,7 @@ class RequestQueue:
         self._pool = pool
         self._streams = keys.request_streams(pool)
         self._cancel_channel = keys.cancel_channel(pool)
-        self._wake = keys.wake_stream(frontend_id)
+        self._wake = keys.wake_stream(pool, frontend_id)
         self._max_backlog = max_backlog
         self._retry_after_s = retry_after_s
         self._cancel_ttl_s = cancel_ttl_s
@@ -91,8 +91,8 @@ class RequestQueue:
                     *self._streams,
                     self._wake,
                     keys.request_stream(self._pool, band),
-                    keys.owner_key(request_id),
-                    keys.attached_key(request_id),
+                    keys.owner_key(self._pool, request_id),
+                    keys.attached_key(self._pool, request_id),
                 ],
                 args=[
                     bound,
@@ -101,6 +101,7 @@ class RequestQueue:
                     owner,
                     owner_ttl_s,
                     self._detach_grace_ms,
+                    keys.WAKE_MAXLEN,
                 ],
             )
         except RedisError as exc:
@@ -147,14 +148,14 @@ class RequestQueue:
     async def cancel(self, request_id: str) -> None:
         """Mark `request_id` cancelled: a flag for a worker yet to start it, a message for one running it."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.cancel_flag(request_id), b"1", ex=self._cancel_ttl_s)
+            pipe.set(keys.cancel_flag(self._pool, request_id), b"1", ex=self._cancel_ttl_s)
             pipe.publish(self._cancel_channel, request_id)
             await pipe.execute()
 
     async def owner(self, request_id: str) -> str | None:
         """The identity that started `request_id`, or None if no such request is kept."""
         try:
-            value = await self._redis.get(keys.owner_key(request_id))
+            value = await self._redis.get(keys.owner_key(self._pool, request_id))
         except RedisError as exc:
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
         return None if value is None else bytes(value).decode()

@@ -93,11 +93,13 @@ async def start_frontend(
     tracer_provider: trace.TracerProvider | None = None,
 ) -> Frontend:
     """Start a frontend; spans go to `tracer_provider` (tests), else to the process's global provider."""
-    client = connect(settings.redis_url, settings.redis_password)
+    client = connect(settings.redis_connection)
     await refuse_evicting_redis(client)
     metrics = FrontendMetrics(settings.pool)
     tracer = get_tracer(tracer_provider)
-    fanout = EventFanout(client, settings.instance_id, detach_grace_s=settings.detach_grace_s)
+    fanout = EventFanout(
+        client, settings.instance_id, pool=settings.pool, detach_grace_s=settings.detach_grace_s
+    )
     queue = RequestQueue(
         client,
         pool=settings.pool,
@@ -124,7 +126,7 @@ async def start_frontend(
         ],
     )
     fetcher = image_fetcher(settings)
-    idempotency = Idempotency(client, ttl_s=settings.idempotency_ttl_s)
+    idempotency = Idempotency(client, pool=settings.pool, ttl_s=settings.idempotency_ttl_s)
     pipeline = ChatPipeline(settings, queue, fanout, token_counter, fetcher=fetcher, idempotency=idempotency)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(pipeline), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

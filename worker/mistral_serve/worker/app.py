@@ -82,7 +82,7 @@ async def start_worker(
     settings: WorkerSettings, engine: Engine, *, tracer_provider: trace.TracerProvider | None = None
 ) -> Worker:
     """Start a worker; spans go to `tracer_provider` (tests), else to the process's global provider."""
-    client = connect(settings.redis_url, settings.redis_password, max_connections=settings.max_inflight + 8)
+    client = connect(settings.redis_connection, max_connections=settings.max_inflight + 8)
     await refuse_evicting_redis(client)
     deep_health = settings.deep_health_interval_s > 0
     metrics = WorkerMetrics(settings.served_model_name, deep_health=deep_health)
@@ -98,6 +98,7 @@ async def start_worker(
     await engine.start()
     writer = EventWriter(
         client,
+        pool=settings.pool,
         ttl_s=settings.event_ttl_s,
         interval_s=settings.flush_interval_ms / 1000,
         max_events=settings.flush_max_events,
@@ -129,7 +130,9 @@ async def start_worker(
         loop.create_task(consumer.run()),
         loop.create_task(watchers.listen_for_cancels(client, keys.cancel_channel(settings.pool), consumer)),
         loop.create_task(watchers.keep_leases(consumer.leases, consumer, consumer.streams)),
-        loop.create_task(watchers.watch_attachments(client, consumer, settings.attach_check_interval_s)),
+        loop.create_task(
+            watchers.watch_attachments(client, consumer, settings.pool, settings.attach_check_interval_s)
+        ),
     ]
     if deep_health:
         tasks.append(loop.create_task(health.run_deep(settings.deep_health_interval_s)))

@@ -54,6 +54,7 @@ class Consumer:
         self._engine = engine
         self._writer = writer
         self._telemetry = telemetry
+        self.pool = pool
         self.streams = keys.request_streams(pool)  # highest band first
         self._name = consumer_name
         self._max_inflight = max_inflight
@@ -213,7 +214,7 @@ class Consumer:
         resume: Resume | None = None
         if claimed:
             job.attempt = await self.leases.delivery_count(job.ref.stream, job.ref.entry_id)
-            resume = await Resume.read(self._redis, job.request_id)
+            resume = await Resume.read(self._redis, self.pool, job.request_id)
             if resume.finished:
                 return None  # the lost worker wrote the end but died before its ack
             if job.attempt > self._max_attempts:
@@ -240,7 +241,7 @@ class Consumer:
                 code_pb2.DEADLINE_EXCEEDED, "the request's deadline passed while it was queued"
             )
         # A cancel message that arrives while the flag is read is recorded by `Job.stop`, seen below.
-        if await self._redis.exists(keys.cancel_flag(job.request_id)):
+        if await self._redis.exists(keys.cancel_flag(self.pool, job.request_id)):
             job.stop(StopReason.CANCELLED)
         if job.stop_reason is not None:
             return stopped_event(job.stop_reason, started=False)

@@ -47,8 +47,11 @@ class _Pending:
 
 
 class EventWriter:
-    def __init__(self, client: redis.Redis, *, ttl_s: int, interval_s: float, max_events: int) -> None:
+    def __init__(
+        self, client: redis.Redis, *, pool: str, ttl_s: int, interval_s: float, max_events: int
+    ) -> None:
         self._redis = client
+        self._pool = pool
         self._ttl_s = ttl_s
         self._interval_s = interval_s
         self._max_events = max_events
@@ -124,7 +127,7 @@ class EventWriter:
         renewed = []
         async with self._redis.pipeline(transaction=False) as pipe:
             for request_id, pending in batch.items():
-                stream = keys.events_stream(request_id)
+                stream = keys.events_stream(self._pool, request_id)
                 pipe.xadd(stream, {keys.EVENT_FIELD: pending.record().SerializeToString()})
                 set_at = self._ttl_set_at.get(request_id)
                 if pending.final or set_at is None or now - set_at > self._ttl_s / 2:

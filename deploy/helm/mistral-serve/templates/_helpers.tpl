@@ -260,7 +260,7 @@ list of {"band", "stream"}. The normal band keeps the plain name.
 {{- define "mistral-serve.requestStreams" -}}
 {{- $streams := list }}
 {{- range $band := list "high" "normal" "low" }}
-{{- $name := printf "mistral_serve:%s:requests" $.Values.pool }}
+{{- $name := printf "mistral_serve:{%s}:requests" $.Values.pool }}
 {{- if ne $band "normal" }}
 {{- $name = printf "%s:%s" $name $band }}
 {{- end }}
