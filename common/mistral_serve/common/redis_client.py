@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError, ResponseError
 
@@ -108,15 +110,19 @@ def _sentinel_primary(conn: RedisConnection, max_connections: int, kwargs: dict[
     return primary
 
 
+# What a cluster's connection settings and a plain client's have in common (auth, timeouts, TLS).
+_PLAIN_CLIENT_KWARGS = frozenset(inspect.signature(redis.Redis.__init__).parameters)
+
+
 def pubsub_client(client: redis.Redis, channel: str) -> redis.Redis:
     """A client that can SUBSCRIBE to `channel`: `client` itself, or for a cluster (whose asyncio client
     has no pub/sub) a plain client on the node serving the channel's slot, where a PUBLISH reaches."""
     if not isinstance(client, RedisCluster):
         return client
     node = client.get_node_from_key(channel)
-    kwargs = dict(client.get_connection_kwargs())
-    for cluster_only in ("host", "port", "connection_class", "redis_connect_func"):
-        kwargs.pop(cluster_only, None)
+    given = client.get_connection_kwargs()
+    kwargs = {k: v for k, v in given.items() if k in _PLAIN_CLIENT_KWARGS and k not in ("host", "port")}
+    kwargs["ssl"] = issubclass(given.get("connection_class", Connection), SSLConnection)
     return redis.Redis(host=node.host, port=node.port, **kwargs)
 
 

@@ -147,10 +147,10 @@ class RequestQueue:
 
     async def cancel(self, request_id: str) -> None:
         """Mark `request_id` cancelled: a flag for a worker yet to start it, a message for one running it."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.cancel_flag(self._pool, request_id), b"1", ex=self._cancel_ttl_s)
-            pipe.publish(self._cancel_channel, request_id)
-            await pipe.execute()
+        # Two round trips, not a pipeline, and PUBLISH as a raw command: the asyncio cluster client has
+        # no publish() and refuses PUBLISH in a pipeline; a cluster forwards it to every node. Cancels are rare.
+        await self._redis.set(keys.cancel_flag(self._pool, request_id), b"1", ex=self._cancel_ttl_s)
+        await self._redis.execute_command("PUBLISH", self._cancel_channel, request_id)  # type: ignore[no-untyped-call]
 
     async def owner(self, request_id: str) -> str | None:
         """The identity that started `request_id`, or None if no such request is kept."""
