@@ -195,5 +195,5 @@ def start_sentinels(folder: Path, sentinels: int = 3, down_after_ms: int = 1000)
 
 def primary_port(topology: Topology) -> int:
     """The port of the primary the sentinels name now."""
-    host, port = redis.Redis(port=topology.ports["sentinel0"]).sentinel_get_master_addr_by_name(MASTER)
+    _, port = redis.Redis(port=topology.ports["sentinel0"]).sentinel_get_master_addr_by_name(MASTER)
     return int(port)

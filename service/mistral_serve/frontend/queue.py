@@ -147,8 +147,8 @@ class RequestQueue:
 
     async def cancel(self, request_id: str) -> None:
         """Mark `request_id` cancelled: a flag for a worker yet to start it, a message for one running it."""
-        # Two round trips, not a pipeline, and PUBLISH as a raw command: the asyncio cluster client has
-        # no publish() and refuses PUBLISH in a pipeline; a cluster forwards it to every node. Cancels are rare.
+        # Two round trips, not a pipeline, and PUBLISH as a raw command: the asyncio cluster client
+        # has no publish() and refuses PUBLISH in a pipeline; a cluster forwards it to every node.
         await self._redis.set(keys.cancel_flag(self._pool, request_id), b"1", ex=self._cancel_ttl_s)
         await self._redis.execute_command("PUBLISH", self._cancel_channel, request_id)  # type: ignore[no-untyped-call]
 
