@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,13 +71,15 @@ async def _admitted_again(port: int, since: float, timeout_s: float = 60.0) -> f
     raise AssertionError(f"no request admitted within {timeout_s:.0f}s of the failover")
 
 
+@pytest.mark.parametrize("wait_replicas", ["0", "1"])
 async def test_sigkill_of_the_primary_mid_stream(
-    sentinels: Topology, subprocess_env: dict[str, str], tmp_path: Path
+    sentinels: Topology, subprocess_env: dict[str, str], tmp_path: Path, wait_replicas: str
 ) -> None:
     processes = Processes(sentinels.settings["redis_url"], subprocess_env, tmp_path)
+    settings = {**sentinels.settings, "redis_wait_replicas": wait_replicas}
     try:
-        front = await processes.start("frontend", **sentinels.settings)
-        workers = [await processes.start("worker", **sentinels.settings, **SLOW) for _ in range(2)]
+        front = await processes.start("frontend", **settings)
+        workers = [await processes.start("worker", **settings, **SLOW) for _ in range(2)]
         await processes.launcher.ready_all([front, *workers])
         port = front.ports["grpc"]
         results: list[list[chat_pb2.ChatEvent]] = [[] for _ in range(STREAMS)]
@@ -109,8 +110,9 @@ async def test_sigkill_of_the_primary_mid_stream(
         else:
             ends["no terminal event"] += 1
     print(
-        f"\nsentinel failover: {dict(ends)}; duplicated sequences {duplicated}, skipped {skipped}; "
-        f"new requests admitted {admitted_after_s:.1f}s after the kill; primary {old_primary} -> {new_primary}"
+        f"\nsentinel failover, WAIT {wait_replicas}: {dict(ends)}; "
+        f"duplicated sequences {duplicated}, skipped {skipped}; "
+        f"admitted again {admitted_after_s:.1f}s after the kill; primary port {old_primary}->{new_primary}"
     )
     assert new_primary != old_primary, "the sentinels never failed over"
     assert duplicated == 0, "a caller received a token twice"

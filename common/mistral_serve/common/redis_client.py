@@ -7,7 +7,7 @@ import inspect
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as redis
@@ -56,6 +56,36 @@ class RedisConnection:
             "ssl_certfile": self.tls_cert_file,
             "ssl_keyfile": self.tls_key_file,
         }
+
+
+@dataclass(frozen=True)
+class ReplicaWait:
+    """WAIT after the writes a failover must not lose (docs/redis.md, "Failover"): an admission before
+    the caller gets `started`, a terminal event before its job is acked. WAIT counts only its own
+    connection's writes, so it goes at the end of the same pipeline. 0 replicas: off.
+
+    When fewer replicas than asked confirm within the timeout, the write stands and a warning is
+    logged: refusing would let one lost replica stop the whole service.
+    """
+
+    replicas: int = 0
+    timeout_ms: int = 200
+
+    def add_to(self, pipe: Any) -> bool:
+        if self.replicas <= 0:
+            return False
+        pipe.wait(self.replicas, self.timeout_ms)
+        return True
+
+    def check(self, acked: int, what: str) -> None:
+        if int(acked) < self.replicas:
+            log.warning(
+                "%s: %d of %d replicas confirmed within %d ms; a failover now could lose it",
+                what,
+                acked,
+                self.replicas,
+                self.timeout_ms,
+            )
 
 
 def sentinel_address(text: str) -> tuple[str, int]:

@@ -16,7 +16,7 @@ from mistral_serve.common.contract import (
     DEFAULT_MODEL,
 )
 from mistral_serve.common.env import env_float, env_int, env_opt_str, env_port_or_off, env_str
-from mistral_serve.common.redis_client import MODES, STANDALONE, RedisConnection
+from mistral_serve.common.redis_client import MODES, STANDALONE, RedisConnection, ReplicaWait
 
 
 def served_name(model: str, override: str | None) -> str:
@@ -51,6 +51,10 @@ class SharedSettings:
     redis_sentinels: tuple[str, ...] = ()
     redis_sentinel_master: str = "mymaster"
     redis_sentinel_password: str | None = None
+    # WAIT for this many replicas after an admission and after a terminal event (0: off), up to the
+    # timeout; see docs/redis.md.
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 200
     # Model pool whose request streams this process feeds or serves.
     pool: str = "default"
     # How long a request's events stay in Redis after its last write.
@@ -86,6 +90,10 @@ class SharedSettings:
         )
 
     @property
+    def replica_wait(self) -> ReplicaWait:
+        return ReplicaWait(self.redis_wait_replicas, self.redis_wait_timeout_ms)
+
+    @property
     def served_model_name(self) -> str:
         return served_name(self.model_name, self.served_model_name_override)
 
@@ -104,6 +112,8 @@ class SharedSettings:
             ),
             "redis_sentinel_master": env_str("REDIS_SENTINEL_MASTER", cls.redis_sentinel_master),
             "redis_sentinel_password": env_opt_str("REDIS_SENTINEL_PASSWORD"),
+            "redis_wait_replicas": env_int("REDIS_WAIT_REPLICAS", cls.redis_wait_replicas, minimum=0),
+            "redis_wait_timeout_ms": env_int("REDIS_WAIT_TIMEOUT_MS", cls.redis_wait_timeout_ms, minimum=1),
             "pool": env_str("POOL", cls.pool),
             "event_ttl_s": env_int("EVENT_TTL_S", cls.event_ttl_s, minimum=1),
             "drain_grace_s": env_float("DRAIN_GRACE_S", cls.drain_grace_s, minimum=0.0),

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from mistral_serve.common import keys
 from mistral_serve.common.logs import bind_request_id
+from mistral_serve.common.redis_client import ReplicaWait
 from mistral_serve.common.telemetry import get_tracer
 from mistral_serve.common.tracecontext import inject_into
 from mistral_serve.queue.v1 import queue_pb2
@@ -60,7 +61,9 @@ class RequestQueue:
         detach_grace_s: float = 30.0,
         tracer: trace.Tracer | None = None,
         metrics: FrontendMetrics | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
+        self._replica_wait = replica_wait or ReplicaWait()
         self._redis = client
         self._pool = pool
         self._streams = keys.request_streams(pool)
@@ -86,24 +89,31 @@ class RequestQueue:
         request_id = queued.request_id
         span = self._start_producer(queued, band)
         try:
-            entry_id = await self._admit(
-                keys=[
-                    *self._streams,
-                    self._wake,
-                    keys.request_stream(self._pool, band),
-                    keys.owner_key(self._pool, request_id),
-                    keys.attached_key(self._pool, request_id),
-                ],
-                args=[
-                    bound,
-                    keys.REQUEST_FIELD,
-                    queued.SerializeToString(),
-                    owner,
-                    owner_ttl_s,
-                    self._detach_grace_ms,
-                    keys.WAKE_MAXLEN,
-                ],
-            )
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await self._admit(
+                    client=pipe,
+                    keys=[
+                        *self._streams,
+                        self._wake,
+                        keys.request_stream(self._pool, band),
+                        keys.owner_key(self._pool, request_id),
+                        keys.attached_key(self._pool, request_id),
+                    ],
+                    args=[
+                        bound,
+                        keys.REQUEST_FIELD,
+                        queued.SerializeToString(),
+                        owner,
+                        owner_ttl_s,
+                        self._detach_grace_ms,
+                        keys.WAKE_MAXLEN,
+                    ],
+                )
+                # Replicated before the caller learns the request id, so a failover cannot lose it.
+                waits = self._replica_wait.add_to(pipe)
+                entry_id, *acked = await pipe.execute()
+            if waits and entry_id is not None:
+                self._replica_wait.check(acked[0], f"admission of {request_id}")
         except RedisError as exc:
             self._end_producer(span, band, "unavailable", error=exc)
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc

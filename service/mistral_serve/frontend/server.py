@@ -110,6 +110,7 @@ async def start_frontend(
         tracer=tracer,
         metrics=metrics,
         detach_grace_s=settings.detach_grace_s,
+        replica_wait=settings.replica_wait,
     )
     health = FrontendHealth(client, settings.health_interval_s)
     auth = auth_interceptor(settings)

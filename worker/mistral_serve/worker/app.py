@@ -99,6 +99,7 @@ async def start_worker(
     writer = EventWriter(
         client,
         pool=settings.pool,
+        replica_wait=settings.replica_wait,
         ttl_s=settings.event_ttl_s,
         interval_s=settings.flush_interval_ms / 1000,
         max_events=settings.flush_max_events,
