@@ -17,14 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mistral_serve.frontend.server import start_frontend  # noqa: E402
-from mistral_serve.frontend.settings import FrontendSettings  # noqa: E402
-from mistral_serve.worker.app import start_worker  # noqa: E402
-from mistral_serve.worker.settings import WorkerSettings  # noqa: E402
-from tests.support.raw_stream import raw_events, start  # noqa: E402
-from tests.support.redis_topologies import start_sentinels  # noqa: E402
-from tests.support.requests import chat  # noqa: E402
-from tests.support.scripted_engine import ScriptedEngine  # noqa: E402
+from mistral_serve.frontend.server import start_frontend
+from mistral_serve.frontend.settings import FrontendSettings
+from mistral_serve.worker.app import start_worker
+from mistral_serve.worker.settings import WorkerSettings
+from tests.support.raw_stream import raw_events, start
+from tests.support.redis_topologies import start_sentinels
+from tests.support.requests import chat
+from tests.support.scripted_engine import ScriptedEngine
 
 
 async def per_request_s(url: str, wait_replicas: int, requests: int, concurrency: int) -> float:
