@@ -88,32 +88,34 @@ class RequestQueue:
         owner_ttl_s = max(1, int(queued.deadline_unix - queued.admitted_unix) + self._cancel_ttl_s)
         request_id = queued.request_id
         span = self._start_producer(queued, band)
+        script_keys = [
+            *self._streams,
+            self._wake,
+            keys.request_stream(self._pool, band),
+            keys.owner_key(self._pool, request_id),
+            keys.attached_key(self._pool, request_id),
+        ]
+        args: list[bytes | str | int] = [
+            bound,
+            keys.REQUEST_FIELD,
+            queued.SerializeToString(),
+            owner,
+            owner_ttl_s,
+            self._detach_grace_ms,
+            keys.WAKE_MAXLEN,
+        ]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                await self._admit(
-                    client=pipe,
-                    keys=[
-                        *self._streams,
-                        self._wake,
-                        keys.request_stream(self._pool, band),
-                        keys.owner_key(self._pool, request_id),
-                        keys.attached_key(self._pool, request_id),
-                    ],
-                    args=[
-                        bound,
-                        keys.REQUEST_FIELD,
-                        queued.SerializeToString(),
-                        owner,
-                        owner_ttl_s,
-                        self._detach_grace_ms,
-                        keys.WAKE_MAXLEN,
-                    ],
-                )
-                # Replicated before the caller learns the request id, so a failover cannot lose it.
-                waits = self._replica_wait.add_to(pipe)
-                entry_id, *acked = await pipe.execute()
-            if waits and entry_id is not None:
-                self._replica_wait.check(acked[0], f"admission of {request_id}")
+            if self._replica_wait.replicas <= 0:
+                # No pipeline without WAIT: a cluster client refuses scripts inside one.
+                entry_id = await self._admit(keys=script_keys, args=args)
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    await self._admit(client=pipe, keys=script_keys, args=args)
+                    # Replicated before the caller learns the request id, so a failover cannot lose it.
+                    self._replica_wait.add_to(pipe)
+                    entry_id, acked = await pipe.execute()
+                if entry_id is not None:
+                    self._replica_wait.check(acked, f"admission of {request_id}")
         except RedisError as exc:
             self._end_producer(span, band, "unavailable", error=exc)
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
