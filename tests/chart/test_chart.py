@@ -650,9 +650,8 @@ def test_external_redis_replaces_the_in_chart_one(chart: helm.Chart) -> None:
     assert not [name for _, name in kinds(objects) if name.endswith("-redis")]
     for deployment in (frontend(objects), worker(objects)):
         env = env_of(deployment)
-        url = env["MISTRAL_SERVE_REDIS_URL"]["value"]
-        assert url.startswith("rediss://redis.data.svc:6380/1?ssl_ca_certs=")
-        ca_path = Path(url.split("ssl_ca_certs=")[1])
+        assert env["MISTRAL_SERVE_REDIS_URL"]["value"] == "rediss://redis.data.svc:6380/1"
+        ca_path = Path(env["MISTRAL_SERVE_REDIS_TLS_CA_FILE"]["value"])
         assert volumes_of(deployment)[mounts_of(deployment)[str(ca_path.parent)]]["secret"] == {
             "secretName": "redis-ca",
             "items": [{"key": "ca.crt", "path": ca_path.name}],
@@ -742,7 +741,7 @@ def test_keda_scales_workers_on_the_request_stream(chart: helm.Chart) -> None:
         assert trigger["type"] == "redis-streams"
         meta = trigger["metadata"]
         assert meta["address"] == f"{FULLNAME}-redis.{NAMESPACE}.svc:6379"
-        assert meta["consumerGroup"] == "workers"
+        assert meta["consumerGroup"] == keys.WORKER_GROUP
         assert int(meta["pendingEntriesCount"]) < int(
             env_value(worker(objects), "MISTRAL_SERVE_WORKER_MAX_INFLIGHT")
         )
@@ -987,3 +986,53 @@ def test_example_files_only_set_known_values(chart: helm.Chart) -> None:
     trial = render(chart, yaml.safe_load((CHART_DIR / "examples" / "trial-values.yaml").read_text()))
     assert worker(trial)["spec"]["replicas"] == 1
     one(trial, "Deployment", f"{FULLNAME}-redis")
+
+
+def test_sentinel_mode_reaches_both_processes_as_one_settings_block(chart: helm.Chart) -> None:
+    external = EXTERNAL_REDIS["redis"]["external"]
+    objects = render(
+        chart,
+        {
+            "redis": {
+                "internal": {"enabled": False},
+                "waitReplicas": 1,
+                "external": {
+                    **external,
+                    "url": "rediss://mymaster/0",
+                    "mode": "sentinel",
+                    "tlsClientCertSecret": {"name": "redis-client"},
+                    "sentinel": {
+                        "masterName": "mymaster",
+                        "addresses": ["s0.data.svc:26379", "s1.data.svc:26379"],
+                        "passwordSecret": {"name": "sentinel-auth", "key": "password"},
+                    },
+                },
+            }
+        },
+    )
+    for deployment in (frontend(objects), worker(objects)):
+        env = env_of(deployment)
+        assert env["MISTRAL_SERVE_REDIS_MODE"]["value"] == "sentinel"
+        assert env["MISTRAL_SERVE_REDIS_SENTINELS"]["value"] == "s0.data.svc:26379,s1.data.svc:26379"
+        assert env["MISTRAL_SERVE_REDIS_SENTINEL_MASTER"]["value"] == "mymaster"
+        assert (
+            env["MISTRAL_SERVE_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"]
+            == "sentinel-auth"
+        )
+        assert env["MISTRAL_SERVE_REDIS_WAIT_REPLICAS"]["value"] == "1"
+        cert = Path(env["MISTRAL_SERVE_REDIS_TLS_CERT_FILE"]["value"])
+        assert Path(env["MISTRAL_SERVE_REDIS_TLS_KEY_FILE"]["value"]).parent == cert.parent
+        assert volumes_of(deployment)[mounts_of(deployment)[str(cert.parent)]]["secret"] == {
+            "secretName": "redis-client"
+        }
+
+
+def test_an_unknown_redis_mode_is_refused(chart: helm.Chart) -> None:
+    values = {
+        "redis": {
+            "internal": {"enabled": False},
+            "external": {**EXTERNAL_REDIS["redis"]["external"], "mode": "ring"},
+        }
+    }
+    with pytest.raises(helm.HelmValuesError, match="mode"):
+        render(chart, values)

@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from mistral_serve.common import keys
-from mistral_serve.common.redis_client import connect, refuse_evicting_redis
+from mistral_serve.common.redis_client import RedisConnection, connect, refuse_evicting_redis
 from tests.chart.test_chart import CHART_DIR, FULLNAME, container, one, render
 from tests.conftest import free_port
 
@@ -105,7 +105,7 @@ def test_chart_redis_probe_authenticates_from_its_env(
 
 async def test_chart_redis_passes_the_processes_eviction_check(chart_redis: tuple[list[str], int]) -> None:
     _, port = chart_redis
-    client = connect(f"redis://127.0.0.1:{port}/0", PASSWORD)
+    client = connect(RedisConnection(f"redis://127.0.0.1:{port}/0", PASSWORD))
     try:
         await refuse_evicting_redis(client)  # raises EvictingRedis (SystemExit) on any other policy
         assert await client.config_get("appendonly") == {"appendonly": "yes"}

@@ -64,7 +64,7 @@ async def check_conversation(
     request_id = events[0].started.request_id
     records = [
         queue_pb2.EventRecord.FromString(fields[keys.EVENT_FIELD.encode()])
-        for _, fields in await client.xrange(keys.events_stream(request_id))
+        for _, fields in await client.xrange(keys.events_stream("default", request_id))
     ]
     streamed_tokens = [t for record in records for t in record.token_ids]
     finished = events[-1].finished

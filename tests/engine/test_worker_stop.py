@@ -36,7 +36,7 @@ def test_a_stop_under_a_running_request_is_clean_and_leaves_the_job_unacked(
         deadline_unix=time.time() + 600,
     )
     client.xadd(stream, {keys.REQUEST_FIELD: queued.SerializeToString()})
-    client.set(keys.attached_key("stopped-mid-run"), b"1", ex=600)  # followed: no detach cancel
+    client.set(keys.attached_key("default", "stopped-mid-run"), b"1", ex=600)  # followed: no detach cancel
     env = {
         **tiny_model_env,
         "PYTHONPATH": str(REPO),
@@ -60,7 +60,9 @@ def test_a_stop_under_a_running_request_is_clean_and_leaves_the_job_unacked(
         )
     try:
         end = time.monotonic() + 300
-        while cast(int, client.xlen(keys.events_stream("stopped-mid-run"))) < 2:  # the engine is generating
+        while (
+            cast(int, client.xlen(keys.events_stream("default", "stopped-mid-run"))) < 2
+        ):  # the engine is generating
             assert worker.poll() is None, log.read_text()[-4000:]
             assert time.monotonic() < end, "the request never started"
             time.sleep(0.2)

@@ -20,6 +20,8 @@ from tests.support.scripted_engine import ScriptedEngine
 @dataclass
 class Stack:
     redis_url: str
+    # Other Redis settings of both processes (mode, TLS, sentinels): tests/support/redis_topologies.py.
+    redis_settings: dict[str, Any] = field(default_factory=dict)
     frontends: list[Frontend] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
     clients: list[ChatClient] = field(default_factory=list)
@@ -36,7 +38,7 @@ class Stack:
                 http_port=0,
                 metrics_host="127.0.0.1",
             ),
-            **overrides,
+            **{**self.redis_settings, **overrides},
         )
         frontend = await start_frontend(settings)
         self.frontends.append(frontend)
@@ -53,7 +55,7 @@ class Stack:
                 metrics_port=0,
                 metrics_host="127.0.0.1",
             ),
-            **overrides,
+            **{**self.redis_settings, **overrides},
         )
         worker = await start_worker(settings, engine or ScriptedEngine())
         self.workers.append(worker)

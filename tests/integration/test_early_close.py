@@ -81,7 +81,7 @@ async def started_client_stream(stack: Stack) -> tuple[ChatClient, ScriptedEngin
 async def assert_cancelled(engine: ScriptedEngine, redis: aioredis.Redis, request_id: str) -> None:
     # Within far less than the detach grace (60 s): only a CancelChat stops the request this soon.
     await until(lambda: request_id in engine.aborted_ids, timeout_s=15)
-    assert await redis.exists(keys.cancel_flag(request_id))
+    assert await redis.exists(keys.cancel_flag("default", request_id))
     await redis.aclose()
 
 
@@ -131,5 +131,5 @@ async def test_a_caller_that_leaves_after_the_end_cancels_nothing(stack: Stack) 
             if event.WhichOneof("event") == "finished":
                 break  # the end was read: leaving now is no cancel
     assert events[-1].WhichOneof("event") == "finished"
-    assert not await redis.exists(keys.cancel_flag(events[0].started.request_id))
+    assert not await redis.exists(keys.cancel_flag("default", events[0].started.request_id))
     await redis.aclose()

@@ -17,7 +17,7 @@ from tests.support.waiting import until
 
 async def test_history_and_resume_read_the_same_records(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url)
-    writer = EventWriter(client, ttl_s=60, interval_s=0.001, max_events=64)
+    writer = EventWriter(client, pool="default", ttl_s=60, interval_s=0.001, max_events=64)
     task = asyncio.get_running_loop().create_task(writer.run())
     try:
         for sequence, (text, tokens) in enumerate([("Hel", [1, 2]), ("lo", [3]), (" you", [4, 5])], 1):
@@ -25,8 +25,8 @@ async def test_history_and_resume_read_the_same_records(redis_url: str) -> None:
             writer.emit("r1", delta, urgent=True, token_ids=tokens, raw_text=text)
             await until(lambda n=sequence: writer.writes >= n)
         await writer.emit_final("r1", error_event(14, "gone", retryable=True))
-        history = await EventFanout(client, "f1").history("r1")
-        resume = await Resume.read(client, "r1")
+        history = await EventFanout(client, "f1", pool="default").history("r1")
+        resume = await Resume.read(client, "default", "r1")
     finally:
         task.cancel()
         await client.aclose()

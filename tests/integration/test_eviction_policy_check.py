@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from mistral_serve.common.redis_client import connect, refuse_evicting_redis
+from mistral_serve.common.redis_client import RedisConnection, connect, refuse_evicting_redis
 from mistral_serve.frontend.health import READINESS_SERVICE as FRONTEND_READINESS
 from mistral_serve.worker.health import READINESS_SERVICE as WORKER_READINESS
 from tests.conftest import RedisServer, free_port, start_redis
@@ -107,7 +107,7 @@ async def test_frontend_warns_and_starts_where_config_is_denied(
 
 async def test_check_warns_and_returns_when_redis_does_not_answer(caplog: pytest.LogCaptureFixture) -> None:
     # Redis not up yet (pods start in any order): readiness reports it; startup must not hang or die.
-    client = connect(f"redis://127.0.0.1:{free_port()}/0", None)
+    client = connect(RedisConnection(f"redis://127.0.0.1:{free_port()}/0"))
     try:
         with caplog.at_level(logging.WARNING, logger="mistral_serve.common.redis_client"):
             await refuse_evicting_redis(client, timeout_s=2.0)

@@ -129,7 +129,7 @@ async def run_through_redis_kill(
         client = redis.asyncio.Redis(port=server.port)
         try:
             for stream in results:
-                records = await read_records(client, stream.events[0].started.request_id)
+                records = await read_records(client, "default", stream.events[0].started.request_id)
                 stream.held_deltas = [
                     e.delta.sequence for _, r in records for e in r.events if e.WhichOneof("event") == "delta"
                 ]

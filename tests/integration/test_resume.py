@@ -54,8 +54,8 @@ class ChunkEngine:
 async def run(redis_url: str, request_id: str, resume: Resume | None = None) -> list[queue_pb2.EventRecord]:
     """Run the job; return the records this run wrote."""
     client = aioredis.Redis.from_url(redis_url)
-    before = await client.xrevrange(keys.events_stream(request_id), count=1)
-    writer = EventWriter(client, ttl_s=60, interval_s=0.001, max_events=1)
+    before = await client.xrevrange(keys.events_stream("default", request_id), count=1)
+    writer = EventWriter(client, pool="default", ttl_s=60, interval_s=0.001, max_events=1)
     flusher = asyncio.create_task(writer.run())
     queued = queue_pb2.QueuedRequest(request_id=request_id, request=chat("weather?"))
     telemetry = WorkerTelemetry(get_tracer(), WorkerMetrics("m"))
@@ -65,7 +65,7 @@ async def run(redis_url: str, request_id: str, resume: Resume | None = None) -> 
     with contextlib.suppress(asyncio.CancelledError):
         await flusher
     entries = await client.xrange(
-        keys.events_stream(request_id), min=f"({before[0][0].decode()}" if before else "-"
+        keys.events_stream("default", request_id), min=f"({before[0][0].decode()}" if before else "-"
     )
     await client.aclose()
     return [queue_pb2.EventRecord.FromString(fields[b"e"]) for _, fields in entries]

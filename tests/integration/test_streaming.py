@@ -232,5 +232,7 @@ async def test_a_finished_requests_events_expire_after_the_retention(stack: Stac
     frontend = await stack.frontend()
     await stack.worker(ScriptedEngine(default_tokens=200), event_ttl_s=77, flush_max_events=4)
     events = await _collect(stack.client(frontend).stream(chat("keep me a while")))
-    ttl = redis.Redis.from_url(stack.redis_url).ttl(keys.events_stream(events[0].started.request_id))
+    ttl = redis.Redis.from_url(stack.redis_url).ttl(
+        keys.events_stream("default", events[0].started.request_id)
+    )
     assert 0 < int(ttl) <= 77  # type: ignore[arg-type]

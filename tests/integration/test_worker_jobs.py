@@ -78,7 +78,7 @@ async def traced_worker(stack: Stack, provider: TracerProvider, engine: Scripted
 async def test_reading_the_queue_blocks_only_when_no_band_had_a_job(redis_url: str) -> None:
     pool = f"guard-{uuid.uuid4().hex}"
     client = aioredis.Redis.from_url(redis_url)
-    writer = EventWriter(client, ttl_s=60, interval_s=0.01, max_events=8)
+    writer = EventWriter(client, pool=pool, ttl_s=60, interval_s=0.01, max_events=8)
     telemetry = WorkerTelemetry(get_tracer(), WorkerMetrics("m"))
     # A block far longer than the wait below: a read that blocks after starting a job never returns in time.
     consumer = Consumer(

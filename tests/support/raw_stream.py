@@ -26,3 +26,13 @@ async def raw_events(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         return [event async for event in stub.ChatStream(message, timeout=timeout_s)]
+
+
+async def follow(
+    port: int, message: chat_pb2.ChatStreamRequest, sink: list[chat_pb2.ChatEvent], *, timeout_s: float = 60.0
+) -> None:
+    """Like `raw_events`, appending each event to `sink` as it arrives, for tests that act mid-stream."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        async for event in stub.ChatStream(message, timeout=timeout_s):
+            sink.append(event)

@@ -28,6 +28,7 @@ def test_every_change_of_the_issue_has_its_row() -> None:
         "a change of the Redis key layout",
         "a new front door beside gRPC",
         "a new priority band",
+        "a new Redis connection setting",
     }
 
 

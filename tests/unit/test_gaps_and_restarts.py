@@ -157,13 +157,13 @@ async def test_a_missing_attached_key_cancels_only_after_a_full_renewal_period()
     from mistral_serve.worker.watchers import watch_attachments
 
     client, jobs = FakeAttachments(), OneJob()
-    patient = asyncio.create_task(watch_attachments(client, jobs, 0.001, renewal_s=3600))  # type: ignore[arg-type]
+    patient = asyncio.create_task(watch_attachments(client, jobs, "default", 0.001, renewal_s=3600))  # type: ignore[arg-type]
     await until(lambda: client.checks >= 5)
     patient.cancel()
     assert jobs.job.stop_reason is None, "missing for less than a renewal period: not a caller gone"
 
     client, jobs = FakeAttachments(), OneJob()
-    prompt = asyncio.create_task(watch_attachments(client, jobs, 0.001, renewal_s=0.01))  # type: ignore[arg-type]
+    prompt = asyncio.create_task(watch_attachments(client, jobs, "default", 0.001, renewal_s=0.01))  # type: ignore[arg-type]
     await until(lambda: jobs.job.stop_reason is not None)
     prompt.cancel()
     assert jobs.job.stop_reason is StopReason.DETACHED

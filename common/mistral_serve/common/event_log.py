@@ -19,7 +19,9 @@ def parse_record(fields: dict[bytes, bytes]) -> queue_pb2.EventRecord:
     return queue_pb2.EventRecord.FromString(fields[_EVENT_FIELD])
 
 
-async def read_records(client: redis.Redis, request_id: str) -> list[tuple[bytes, queue_pb2.EventRecord]]:
+async def read_records(
+    client: redis.Redis, pool: str, request_id: str
+) -> list[tuple[bytes, queue_pb2.EventRecord]]:
     """Every record written for `request_id` so far, with its entry id, oldest first."""
-    entries = await client.xrange(keys.events_stream(request_id))
+    entries = await client.xrange(keys.events_stream(pool, request_id))
     return [(entry_id, parse_record(fields)) for entry_id, fields in entries]

@@ -85,17 +85,18 @@ class EventFanout:
         client: redis.Redis,
         frontend_id: str,
         *,
-        pool: str = "default",
+        pool: str,
         block_ms: int = 1000,
         detach_grace_s: float = 30.0,
         restart_check_s: float = 0.5,
         rewrite_window_s: float = 2.0,
     ) -> None:
         self._redis = client
+        self._pool = pool
         self._epoch = RedisEpoch(client, pool)
         self._restart_check_s = restart_check_s
         self._rewrite_window_s = rewrite_window_s
-        self._wake_key = keys.wake_stream(frontend_id).encode()
+        self._wake_key = keys.wake_stream(pool, frontend_id).encode()
         self._wake_last = b"0-0"
         self._block_ms = block_ms
         self._grace_ms = max(1, int(detach_grace_s * 1000))
@@ -106,11 +107,11 @@ class EventFanout:
     ) -> Subscription:
         """Follow `request_id`'s events after `after_entry_id`; for a new request, call before queuing it."""
         sub = Subscription(request_id, owner=owner, last_entry_id=after_entry_id)
-        self._subs.setdefault(keys.events_stream(request_id).encode(), []).append(sub)
+        self._subs.setdefault(keys.events_stream(self._pool, request_id).encode(), []).append(sub)
         return sub
 
     def close(self, sub: Subscription) -> None:
-        key = keys.events_stream(sub.request_id).encode()
+        key = keys.events_stream(self._pool, sub.request_id).encode()
         followers = self._subs.get(key, [])
         if sub in followers:
             followers.remove(sub)
@@ -120,7 +121,7 @@ class EventFanout:
     async def history(self, request_id: str) -> History:
         """Every event written for `request_id` so far, for a caller who reattaches."""
         try:
-            records = await read_records(self._redis, request_id)
+            records = await read_records(self._redis, self._pool, request_id)
         except RedisError as exc:
             raise BackendUnavailable(f"the event stream is unreachable: {exc}") from exc
         events = [event for _, record in records for event in record.events]
@@ -131,8 +132,8 @@ class EventFanout:
         """Mark `request_id` followed at once, and make the blocked read include it now."""
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(keys.attached_key(request_id), b"1", px=self._grace_ms)
-                pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=100)
+                pipe.set(keys.attached_key(self._pool, request_id), b"1", px=self._grace_ms)
+                pipe.xadd(self._wake_key, {b"w": b"1"}, maxlen=keys.WAKE_MAXLEN)
                 await pipe.execute()
         except RedisError as exc:
             raise BackendUnavailable(f"the event stream is unreachable: {exc}") from exc
@@ -182,7 +183,7 @@ class EventFanout:
         async with self._redis.pipeline(transaction=False) as pipe:
             for request_id, owner in owners.items():
                 ttl_s = max(1, int(owner.keep_until - now))
-                pipe.set(keys.owner_key(request_id), owner.caller.encode(), ex=ttl_s, nx=True)
+                pipe.set(keys.owner_key(self._pool, request_id), owner.caller.encode(), ex=ttl_s, nx=True)
             await pipe.execute()
 
     async def _mark_attached(self, request_ids: set[str]) -> None:
@@ -190,12 +191,12 @@ class EventFanout:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for request_id in request_ids:
-                pipe.set(keys.attached_key(request_id), b"1", px=self._grace_ms)
+                pipe.set(keys.attached_key(self._pool, request_id), b"1", px=self._grace_ms)
             await pipe.execute()
 
     async def _read_forever(self) -> None:
         self._wake_last = await retry.until_done(
-            lambda: self._redis.xadd(self._wake_key, {b"w": b"0"}, maxlen=100),
+            lambda: self._redis.xadd(self._wake_key, {b"w": b"0"}, maxlen=keys.WAKE_MAXLEN),
             log=log,
             what="starting the event reader",
         )

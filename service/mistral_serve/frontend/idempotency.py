@@ -34,14 +34,10 @@ def fingerprint(request: chat_pb2.ChatRequest) -> str:
     return hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
 
 
-def idempotency_key(caller: str, client_request_id: str) -> str:
-    digest = hashlib.sha256(f"{caller}\0{client_request_id}".encode()).hexdigest()
-    return f"{keys.PREFIX}:idem:{digest}"
-
-
 class Idempotency:
-    def __init__(self, client: redis.Redis, *, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, *, pool: str, ttl_s: int) -> None:
         self._redis = client
+        self._pool = pool
         self._ttl_s = ttl_s
         self._release = client.register_script(_RELEASE)
 
@@ -49,7 +45,7 @@ class Idempotency:
         self, caller: str, client_request_id: str, print_: str, request_id: str, *, path: str
     ) -> str | None:
         """None when this request runs (it holds the key now); else the request id of the first run."""
-        key = idempotency_key(caller, client_request_id)
+        key = keys.idempotency_key(self._pool, caller, client_request_id)
         value = f"{request_id} {print_}"
         try:
             if await self._redis.set(key, value, nx=True, ex=self._ttl_s):
@@ -78,5 +74,6 @@ class Idempotency:
         """Free the key of a request that was not admitted, so a retry runs."""
         with contextlib.suppress(RedisError):  # else the key expires with its window
             await self._release(
-                keys=[idempotency_key(caller, client_request_id)], args=[f"{request_id} {print_}"]
+                keys=[keys.idempotency_key(self._pool, caller, client_request_id)],
+                args=[f"{request_id} {print_}"],
             )

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from mistral_serve.common import keys
 from mistral_serve.common.logs import bind_request_id
+from mistral_serve.common.redis_client import ReplicaWait
 from mistral_serve.common.telemetry import get_tracer
 from mistral_serve.common.tracecontext import inject_into
 from mistral_serve.queue.v1 import queue_pb2
@@ -29,7 +30,7 @@ if backlog >= tonumber(ARGV[1]) then
   return false
 end
 local id = redis.call('XADD', KEYS[5], '*', ARGV[2], ARGV[3])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', '100', '*', 'w', '1')
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'w', '1')
 redis.call('EXPIRE', KEYS[4], 3600)
 redis.call('SET', KEYS[6], ARGV[4], 'EX', ARGV[5])
 redis.call('SET', KEYS[7], '1', 'PX', ARGV[6])
@@ -60,12 +61,14 @@ class RequestQueue:
         detach_grace_s: float = 30.0,
         tracer: trace.Tracer | None = None,
         metrics: FrontendMetrics | None = None,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
+        self._replica_wait = replica_wait or ReplicaWait()
         self._redis = client
         self._pool = pool
         self._streams = keys.request_streams(pool)
         self._cancel_channel = keys.cancel_channel(pool)
-        self._wake = keys.wake_stream(frontend_id)
+        self._wake = keys.wake_stream(pool, frontend_id)
         self._max_backlog = max_backlog
         self._retry_after_s = retry_after_s
         self._cancel_ttl_s = cancel_ttl_s
@@ -85,24 +88,34 @@ class RequestQueue:
         owner_ttl_s = max(1, int(queued.deadline_unix - queued.admitted_unix) + self._cancel_ttl_s)
         request_id = queued.request_id
         span = self._start_producer(queued, band)
+        script_keys = [
+            *self._streams,
+            self._wake,
+            keys.request_stream(self._pool, band),
+            keys.owner_key(self._pool, request_id),
+            keys.attached_key(self._pool, request_id),
+        ]
+        args: list[bytes | str | int] = [
+            bound,
+            keys.REQUEST_FIELD,
+            queued.SerializeToString(),
+            owner,
+            owner_ttl_s,
+            self._detach_grace_ms,
+            keys.WAKE_MAXLEN,
+        ]
         try:
-            entry_id = await self._admit(
-                keys=[
-                    *self._streams,
-                    self._wake,
-                    keys.request_stream(self._pool, band),
-                    keys.owner_key(request_id),
-                    keys.attached_key(request_id),
-                ],
-                args=[
-                    bound,
-                    keys.REQUEST_FIELD,
-                    queued.SerializeToString(),
-                    owner,
-                    owner_ttl_s,
-                    self._detach_grace_ms,
-                ],
-            )
+            if self._replica_wait.replicas <= 0:
+                # No pipeline without WAIT: a cluster client refuses scripts inside one.
+                entry_id = await self._admit(keys=script_keys, args=args)
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    await self._admit(client=pipe, keys=script_keys, args=args)
+                    # Replicated before the caller learns the request id, so a failover cannot lose it.
+                    self._replica_wait.add_to(pipe)
+                    entry_id, acked = await pipe.execute()
+                if entry_id is not None:
+                    self._replica_wait.check(acked, f"admission of {request_id}")
         except RedisError as exc:
             self._end_producer(span, band, "unavailable", error=exc)
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
@@ -146,15 +159,15 @@ class RequestQueue:
 
     async def cancel(self, request_id: str) -> None:
         """Mark `request_id` cancelled: a flag for a worker yet to start it, a message for one running it."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.set(keys.cancel_flag(request_id), b"1", ex=self._cancel_ttl_s)
-            pipe.publish(self._cancel_channel, request_id)
-            await pipe.execute()
+        # Two round trips, not a pipeline, and PUBLISH as a raw command: the asyncio cluster client
+        # has no publish() and refuses PUBLISH in a pipeline; a cluster forwards it to every node.
+        await self._redis.set(keys.cancel_flag(self._pool, request_id), b"1", ex=self._cancel_ttl_s)
+        await self._redis.execute_command("PUBLISH", self._cancel_channel, request_id)  # type: ignore[no-untyped-call]
 
     async def owner(self, request_id: str) -> str | None:
         """The identity that started `request_id`, or None if no such request is kept."""
         try:
-            value = await self._redis.get(keys.owner_key(request_id))
+            value = await self._redis.get(keys.owner_key(self._pool, request_id))
         except RedisError as exc:
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
         return None if value is None else bytes(value).decode()

@@ -93,7 +93,7 @@ async def start_frontend(
     tracer_provider: trace.TracerProvider | None = None,
 ) -> Frontend:
     """Start a frontend; spans go to `tracer_provider` (tests), else to the process's global provider."""
-    client = connect(settings.redis_url, settings.redis_password)
+    client = connect(settings.redis_connection)
     await refuse_evicting_redis(client)
     metrics = FrontendMetrics(settings.pool)
     tracer = get_tracer(tracer_provider)
@@ -110,6 +110,7 @@ async def start_frontend(
         tracer=tracer,
         metrics=metrics,
         detach_grace_s=settings.detach_grace_s,
+        replica_wait=settings.replica_wait,
     )
     health = FrontendHealth(client, settings.health_interval_s)
     auth = auth_interceptor(settings)
@@ -126,7 +127,7 @@ async def start_frontend(
         ],
     )
     fetcher = image_fetcher(settings)
-    idempotency = Idempotency(client, ttl_s=settings.idempotency_ttl_s)
+    idempotency = Idempotency(client, pool=settings.pool, ttl_s=settings.idempotency_ttl_s)
     pipeline = ChatPipeline(settings, queue, fanout, token_counter, fetcher=fetcher, idempotency=idempotency)
     chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(pipeline), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)

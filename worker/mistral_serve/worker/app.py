@@ -84,7 +84,7 @@ async def start_worker(
     settings: WorkerSettings, engine: Engine, *, tracer_provider: trace.TracerProvider | None = None
 ) -> Worker:
     """Start a worker; spans go to `tracer_provider` (tests), else to the process's global provider."""
-    client = connect(settings.redis_url, settings.redis_password, max_connections=settings.max_inflight + 8)
+    client = connect(settings.redis_connection, max_connections=settings.max_inflight + 8)
     await refuse_evicting_redis(client)
     deep_health = settings.deep_health_interval_s > 0
     metrics = WorkerMetrics(settings.served_model_name, deep_health=deep_health)
@@ -100,6 +100,8 @@ async def start_worker(
     await engine.start()
     writer = EventWriter(
         client,
+        pool=settings.pool,
+        replica_wait=settings.replica_wait,
         ttl_s=settings.event_ttl_s,
         interval_s=settings.flush_interval_ms / 1000,
         max_events=settings.flush_max_events,
@@ -136,7 +138,11 @@ async def start_worker(
         loop.create_task(watchers.keep_leases(consumer.leases, consumer, consumer.streams, guard.check)),
         loop.create_task(
             watchers.watch_attachments(
-                client, consumer, settings.attach_check_interval_s, renewal_s=settings.detach_grace_s / 3
+                client,
+                consumer,
+                settings.pool,
+                settings.attach_check_interval_s,
+                renewal_s=settings.detach_grace_s / 3,
             )
         ),
         loop.create_task(watch_restarts(guard, settings.restart_check_interval_s)),

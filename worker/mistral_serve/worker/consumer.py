@@ -56,6 +56,7 @@ class Consumer:
         self._engine = engine
         self._writer = writer
         self._telemetry = telemetry
+        self.pool = pool
         self.streams = keys.request_streams(pool)  # highest band first
         self._name = consumer_name
         self._max_inflight = max_inflight
@@ -221,7 +222,7 @@ class Consumer:
             records = [
                 record
                 for _, record in await self._retried(
-                    lambda: read_records(self._redis, job.request_id), job, "reading its records"
+                    lambda: read_records(self._redis, self.pool, job.request_id), job, "reading its records"
                 )
             ]
             resume = Resume.from_records(records)
@@ -253,7 +254,9 @@ class Consumer:
             )
         # A cancel message that arrives while the flag is read is recorded by `Job.stop`, seen below.
         if await self._retried(
-            lambda: self._redis.exists(keys.cancel_flag(job.request_id)), job, "reading its cancel flag"
+            lambda: self._redis.exists(keys.cancel_flag(self.pool, job.request_id)),
+            job,
+            "reading its cancel flag",
         ):
             job.stop(StopReason.CANCELLED)
         if job.stop_reason is not None:

@@ -23,6 +23,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from mistral_serve.common import keys, retry
+from mistral_serve.common.redis_client import ReplicaWait
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
 
@@ -50,8 +51,19 @@ class _Pending:
 
 
 class EventWriter:
-    def __init__(self, client: redis.Redis, *, ttl_s: int, interval_s: float, max_events: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        pool: str,
+        ttl_s: int,
+        interval_s: float,
+        max_events: int,
+        replica_wait: ReplicaWait | None = None,
+    ) -> None:
         self._redis = client
+        self._replica_wait = replica_wait or ReplicaWait()
+        self._pool = pool
         self._ttl_s = ttl_s
         self._interval_s = interval_s
         self._max_events = max_events
@@ -114,7 +126,7 @@ class EventWriter:
                 return 0
             async with self._redis.pipeline(transaction=True) as pipe:
                 for request_id, records in streams.items():
-                    stream = keys.events_stream(request_id)
+                    stream = keys.events_stream(self._pool, request_id)
                     pipe.delete(stream)
                     for record in records:
                         pipe.xadd(stream, {keys.EVENT_FIELD: record.SerializeToString()})
@@ -164,13 +176,18 @@ class EventWriter:
         records = {request_id: pending.record() for request_id, pending in batch.items()}
         async with self._redis.pipeline(transaction=False) as pipe:
             for request_id, pending in batch.items():
-                stream = keys.events_stream(request_id)
+                stream = keys.events_stream(self._pool, request_id)
                 pipe.xadd(stream, {keys.EVENT_FIELD: records[request_id].SerializeToString()})
                 set_at = self._ttl_set_at.get(request_id)
                 if pending.final or set_at is None or now - set_at > self._ttl_s / 2:
                     pipe.expire(stream, self._ttl_s)
                     renewed.append(request_id)
-            await pipe.execute()
+            # A terminal event is on the replicas before its job can be acked (emit_final returns).
+            finals = [request_id for request_id, pending in batch.items() if pending.final]
+            waits = bool(finals) and self._replica_wait.add_to(pipe)
+            replies = await pipe.execute()
+        if waits:
+            self._replica_wait.check(replies[-1], f"terminal events of {', '.join(finals)}")
         for request_id in renewed:
             self._ttl_set_at[request_id] = now
         for request_id, pending in batch.items():

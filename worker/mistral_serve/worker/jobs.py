@@ -29,9 +29,9 @@ class Resume:
     finished: bool = False
 
     @classmethod
-    async def read(cls, client: redis.Redis, request_id: str) -> Resume:
+    async def read(cls, client: redis.Redis, pool: str, request_id: str) -> Resume:
         """What the request's event stream holds, read by the reader the frontend's replay uses."""
-        return cls.from_records([record for _, record in await read_records(client, request_id)])
+        return cls.from_records([record for _, record in await read_records(client, pool, request_id)])
 
     @classmethod
     def from_records(cls, records: list[queue_pb2.EventRecord]) -> Resume:

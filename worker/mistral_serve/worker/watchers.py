@@ -15,6 +15,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from mistral_serve.common import keys
+from mistral_serve.common.redis_client import pubsub_client
 
 from .job import EntryRef, Job, StopReason
 from .leases import Entry, Leases
@@ -38,7 +39,7 @@ async def listen_for_cancels(client: redis.Redis, channel: str, jobs: Jobs) -> N
     """Stop the jobs whose request a frontend cancelled."""
     while True:
         try:
-            async with client.pubsub() as pubsub:
+            async with pubsub_client(client, channel).pubsub() as pubsub:
                 await pubsub.subscribe(channel)
                 async for message in pubsub.listen():
                     if message["type"] == "message" and (job := jobs.find(message["data"].decode())):
@@ -48,7 +49,9 @@ async def listen_for_cancels(client: redis.Redis, channel: str, jobs: Jobs) -> N
             await asyncio.sleep(0.5)
 
 
-async def watch_attachments(client: redis.Redis, jobs: Jobs, interval_s: float, renewal_s: float) -> None:
+async def watch_attachments(
+    client: redis.Redis, jobs: Jobs, pool: str, interval_s: float, renewal_s: float
+) -> None:
     """Stop running jobs nobody has followed for their detach grace (their attachment key lapsed).
 
     A job is stopped only once its key was missing for `renewal_s`, the period at which frontends
@@ -67,7 +70,7 @@ async def watch_attachments(client: redis.Redis, jobs: Jobs, interval_s: float, 
         try:
             async with client.pipeline(transaction=False) as pipe:
                 for job in running:
-                    pipe.exists(keys.attached_key(job.request_id))
+                    pipe.exists(keys.attached_key(pool, job.request_id))
                 attached = await pipe.execute()
         except RedisError as exc:
             log.warning("cannot check attachments: %s", exc)

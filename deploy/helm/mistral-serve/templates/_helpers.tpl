@@ -101,22 +101,53 @@ data:
 /etc/mistral-serve/redis-ca/ca.crt
 {{- end }}
 
-{{/*
-The URL both processes connect to (MISTRAL_SERVE_REDIS_URL). A CA bundle for an external rediss://
-Redis travels as redis-py's `ssl_ca_certs` URL option, so no extra setting is needed.
-*/}}
+{{- define "mistral-serve.redisClientCertDir" -}}
+/etc/mistral-serve/redis-client
+{{- end }}
+
+{{/* The URL both processes connect to (MISTRAL_SERVE_REDIS_URL). */}}
 {{- define "mistral-serve.redisUrl" -}}
 {{- if .Values.redis.internal.enabled }}
 {{- printf "redis://%s:%d/0" (include "mistral-serve.redisHost" .) (int .Values.redis.internal.port) }}
 {{- else }}
-{{- $url := .Values.redis.external.url }}
-{{- if .Values.redis.external.tlsCASecret.name }}
-{{- $sep := ternary "&" "?" (contains "?" $url) }}
-{{- printf "%s%sssl_ca_certs=%s" $url $sep (include "mistral-serve.redisCAPath" .) }}
-{{- else }}
-{{- $url }}
+{{- .Values.redis.external.url }}
 {{- end }}
 {{- end }}
+
+{{/* The rest of the one Redis settings block (common/.../settings.py): mode, TLS files, sentinels, WAIT. */}}
+{{- define "mistral-serve.redisModeEnv" -}}
+{{- $ext := .Values.redis.external }}
+{{- if not .Values.redis.internal.enabled }}
+- name: MISTRAL_SERVE_REDIS_MODE
+  value: {{ $ext.mode | quote }}
+{{- if $ext.tlsCASecret.name }}
+- name: MISTRAL_SERVE_REDIS_TLS_CA_FILE
+  value: {{ include "mistral-serve.redisCAPath" . | quote }}
+{{- end }}
+{{- if $ext.tlsClientCertSecret.name }}
+- name: MISTRAL_SERVE_REDIS_TLS_CERT_FILE
+  value: {{ printf "%s/tls.crt" (include "mistral-serve.redisClientCertDir" .) | quote }}
+- name: MISTRAL_SERVE_REDIS_TLS_KEY_FILE
+  value: {{ printf "%s/tls.key" (include "mistral-serve.redisClientCertDir" .) | quote }}
+{{- end }}
+{{- if eq $ext.mode "sentinel" }}
+- name: MISTRAL_SERVE_REDIS_SENTINELS
+  value: {{ required "redis.external.sentinel.addresses: sentinel mode needs the sentinels" (join "," $ext.sentinel.addresses) | quote }}
+- name: MISTRAL_SERVE_REDIS_SENTINEL_MASTER
+  value: {{ $ext.sentinel.masterName | quote }}
+{{- if $ext.sentinel.passwordSecret.name }}
+- name: MISTRAL_SERVE_REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ext.sentinel.passwordSecret.name }}
+      key: {{ $ext.sentinel.passwordSecret.key }}
+{{- end }}
+{{- end }}
+{{- end }}
+- name: MISTRAL_SERVE_REDIS_WAIT_REPLICAS
+  value: {{ int .Values.redis.waitReplicas | quote }}
+- name: MISTRAL_SERVE_REDIS_WAIT_TIMEOUT_MS
+  value: {{ int .Values.redis.waitTimeoutMs | quote }}
 {{- end }}
 
 {{/* Environment both processes share: Redis, pool, logs, event retention, pod identity. */}}
@@ -139,6 +170,7 @@ Redis travels as redis-py's `ssl_ca_certs` URL option, so no extra setting is ne
       name: {{ $ref.name }}
       key: {{ $ref.key }}
 {{- end }}
+{{- include "mistral-serve.redisModeEnv" . }}
 - name: MISTRAL_SERVE_POOL
   value: {{ .Values.pool | quote }}
 - name: MISTRAL_SERVE_LOG_FORMAT
@@ -182,12 +214,22 @@ Redis travels as redis-py's `ssl_ca_certs` URL option, so no extra setting is ne
       - key: {{ .Values.redis.external.tlsCASecret.key }}
         path: ca.crt
 {{- end }}
+{{- if and (not .Values.redis.internal.enabled) .Values.redis.external.tlsClientCertSecret.name }}
+- name: redis-client-cert
+  secret:
+    secretName: {{ .Values.redis.external.tlsClientCertSecret.name }}
+{{- end }}
 {{- end }}
 
 {{- define "mistral-serve.redisCAVolumeMount" -}}
 {{- if and (not .Values.redis.internal.enabled) .Values.redis.external.tlsCASecret.name }}
 - name: redis-ca
   mountPath: {{ include "mistral-serve.redisCAPath" . | dir }}
+  readOnly: true
+{{- end }}
+{{- if and (not .Values.redis.internal.enabled) .Values.redis.external.tlsClientCertSecret.name }}
+- name: redis-client-cert
+  mountPath: {{ include "mistral-serve.redisClientCertDir" . }}
   readOnly: true
 {{- end }}
 {{- end }}
@@ -260,7 +302,7 @@ list of {"band", "stream"}. The normal band keeps the plain name.
 {{- define "mistral-serve.requestStreams" -}}
 {{- $streams := list }}
 {{- range $band := list "high" "normal" "low" }}
-{{- $name := printf "mistral_serve:%s:requests" $.Values.pool }}
+{{- $name := printf "mistral_serve:{%s}:requests" $.Values.pool }}
 {{- if ne $band "normal" }}
 {{- $name = printf "%s:%s" $name $band }}
 {{- end }}
