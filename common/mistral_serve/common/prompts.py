@@ -71,6 +71,8 @@ class BuiltPrompt:
     images: list[Image.Image] = field(default_factory=list)
     # Part of `token_ids` that images take.
     image_tokens: int = 0
+    # The mistral_common request the prompt was encoded from (the worker's grammar reads its tools).
+    request: ChatCompletionRequest[Any] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -199,7 +201,7 @@ class PromptBuilder:
             raise PromptError(f"invalid conversation: {exc}") from exc
         tokens: list[int] = list(tokenized.tokens)
         image_tokens = sum(1 for t in tokens if t in self._image_token_ids)
-        return BuiltPrompt(token_ids=tokens, images=images, image_tokens=image_tokens)
+        return BuiltPrompt(token_ids=tokens, images=images, image_tokens=image_tokens, request=request)
 
     def to_mistral_request(
         self,

@@ -40,6 +40,7 @@ from .settings import FrontendSettings
 
 Role = chat_pb2.Role
 Mode = chat_pb2.ToolChoice.Mode
+Format = chat_pb2.ResponseFormat
 # Where an image sits in a request: (message index, content part index).
 PartIndex = tuple[int, int]
 
@@ -106,6 +107,7 @@ def validate_chat_request(
     images: dict[PartIndex, CheckedImage] = {}
     violations += _check_messages(request, path, limits, images)
     violations += _check_tools(request, path)
+    violations += _check_response_format(request, path)
     violations += _check_sampling(request, path, limits)
     violations += _check_client_request_id(request, path, limits)
     if violations:
@@ -397,6 +399,33 @@ def _check_tools(request: chat_pb2.ChatRequest, path: str) -> list[FieldViolatio
         out.append(FieldViolation(f"{path}tool_choice.mode", "MODE_ANY needs at least one tool"))
     elif choice.mode in (Mode.MODE_AUTO, Mode.MODE_NONE, Mode.MODE_UNSPECIFIED) and choice.function_name:
         out.append(FieldViolation(f"{path}tool_choice.function_name", "only MODE_FUNCTION names a function"))
+    return out
+
+
+def _check_response_format(request: chat_pb2.ChatRequest, path: str) -> list[FieldViolation]:
+    """The answer's format: a known type, a valid schema with JSON_SCHEMA only, and a tool choice the
+    JSON can be enforced with (the grammar allows JSON or calls, never a forced call and JSON)."""
+    fmt, where = request.response_format, f"{path}response_format"
+    if fmt.type not in Format.Type.values():
+        return [FieldViolation(f"{where}.type", "unknown response format type")]
+    out: list[FieldViolation] = []
+    if fmt.type == Format.TYPE_JSON_SCHEMA:
+        schema = fmt.json_schema
+        if not schema.name:
+            out.append(FieldViolation(f"{where}.json_schema.name", "a JSON schema format needs a name"))
+        elif not FUNCTION_NAME.fullmatch(schema.name):
+            out.append(
+                FieldViolation(f"{where}.json_schema.name", FUNCTION_NAME_RULE.replace("function", "schema"))
+            )
+        if not schema.schema_json:
+            out.append(FieldViolation(f"{where}.json_schema", "TYPE_JSON_SCHEMA needs a schema"))
+        else:
+            out += _check_schema(schema.schema_json, f"{where}.json_schema")
+    elif fmt.HasField("json_schema"):
+        out.append(FieldViolation(f"{where}.json_schema", "only TYPE_JSON_SCHEMA takes a schema"))
+    json_answer = fmt.type in (Format.TYPE_JSON_OBJECT, Format.TYPE_JSON_SCHEMA)
+    if json_answer and request.tools and request.tool_choice.mode in (Mode.MODE_ANY, Mode.MODE_FUNCTION):
+        out.append(FieldViolation(f"{where}.type", "a JSON answer with tools needs tool_choice AUTO or NONE"))
     return out
 
 

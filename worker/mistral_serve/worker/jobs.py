@@ -14,6 +14,7 @@ from mistral_serve.v1 import chat_pb2
 
 from .engine import Engine, EngineFinishReason, EngineRequest
 from .events import EventWriter
+from .grammar import calls_allowed
 from .tool_calls import ToolCallStreamParser
 from .tracing import JobObservation, WorkerTelemetry
 
@@ -88,7 +89,7 @@ async def _generate(
 ) -> chat_pb2.ChatEvent:
     request_id = queued.request_id
     started_at = job.started_at
-    parser = ToolCallStreamParser(call_id_seed=request_id)
+    parser = ToolCallStreamParser(call_id_seed=request_id, calls_allowed=calls_allowed(queued.request))
     parser.feed(resume.raw_text)
     sequence = resume.sequence
     unsent = _Unsent()

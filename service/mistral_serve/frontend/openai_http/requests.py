@@ -32,6 +32,11 @@ TOOL_CHOICES = {
     "none": chat_pb2.ToolChoice.MODE_NONE,
     "required": chat_pb2.ToolChoice.MODE_ANY,
 }
+RESPONSE_FORMATS = {
+    "text": chat_pb2.ResponseFormat.TYPE_TEXT,
+    "json_object": chat_pb2.ResponseFormat.TYPE_JSON_OBJECT,
+    "json_schema": chat_pb2.ResponseFormat.TYPE_JSON_SCHEMA,
+}
 UINT32_MAX = 2**32 - 1
 INT64 = (-(2**63), 2**63 - 1)
 INT32 = (-(2**31), 2**31 - 1)
@@ -86,6 +91,7 @@ _PATHS: list[tuple[re.Pattern[str], Naming]] = [
     (re.compile(r"(tools\[\d+\])\.parameters_json_schema"), lambda n, m: f"{m[1]}.function.parameters"),
     (re.compile(r"tool_choice\.mode"), lambda n, m: "tool_choice"),
     (re.compile(r"tool_choice\.function_name"), lambda n, m: "tool_choice.function.name"),
+    (re.compile(r"response_format\.json_schema"), lambda n, m: "response_format.json_schema.schema"),
     (re.compile(r"sampling\.max_tokens"), lambda n, m: n.max_tokens),
     (re.compile(r"sampling\.stop\[(\d+)\]"), lambda n, m: "stop" if n.stop_was_string else f"stop[{m[1]}]"),
     (re.compile(r"sampling\.(\w+)"), lambda n, m: m[1]),
@@ -180,6 +186,7 @@ def to_chat_completion(
     elif messages is not None:
         r.bad("messages", f"must be an array, not {_kind(messages)}")
     _tools(r, top, request)
+    _response_format(r, top.get("response_format"), request.response_format)
     _sampling(r, top, request, names, context_length)
     n = top.get("n")
     if n is not None and n != 1:
@@ -318,6 +325,40 @@ def _tools(r: _Reader, top: dict[str, Any], request: chat_pb2.ChatRequest) -> No
             r.bad("tool_choice.function.name", "a named tool choice needs the function's name")
     elif choice is not None:
         r.bad("tool_choice", "must be auto, none, required or a named function")
+    parallel = top.get("parallel_tool_calls")
+    if isinstance(parallel, bool):
+        request.parallel_tool_calls = parallel
+    elif parallel is not None:
+        r.bad("parallel_tool_calls", f"must be a boolean, not {_kind(parallel)}")
+
+
+def _response_format(r: _Reader, value: Any, out: chat_pb2.ResponseFormat) -> None:
+    """OpenAI's `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}` and the others."""
+    if value is None or (fmt := r.obj(value, "response_format")) is None:
+        return
+    kind = fmt.get("type")
+    if kind not in RESPONSE_FORMATS:
+        r.bad("response_format.type", "must be text, json_object or json_schema")
+        return
+    out.type = RESPONSE_FORMATS[kind]
+    if kind != "json_schema":
+        return
+    spec = r.obj(fmt.get("json_schema"), "response_format.json_schema")
+    if spec is None:
+        return
+    if (name := r.string(spec.get("name"), "response_format.json_schema.name")) is not None:
+        out.json_schema.name = name
+    description = spec.get("description")
+    if description is not None and (text := r.string(description, "response_format.json_schema.description")):
+        out.json_schema.description = text
+    schema = spec.get("schema")
+    if schema is not None and r.obj(schema, "response_format.json_schema.schema") is not None:
+        out.json_schema.schema_json = json.dumps(schema)
+    strict = spec.get("strict", False)
+    if isinstance(strict, bool):
+        out.json_schema.strict = strict
+    elif strict is not None:
+        r.bad("response_format.json_schema.strict", f"must be a boolean, not {_kind(strict)}")
 
 
 def _sampling(
