@@ -16,14 +16,10 @@ import jsonschema
 import pytest
 import pytest_asyncio
 
-from mistral_serve.frontend.server import start_frontend
-from mistral_serve.frontend.settings import FrontendSettings
 from mistral_serve.v1 import chat_pb2
-from mistral_serve.worker.app import start_worker
 from mistral_serve.worker.engine import EngineRequest
-from mistral_serve.worker.settings import WorkerSettings
 from mistral_serve.worker.vllm_engine import VllmEngine
-from tests.engine.session_engine import SessionEngine
+from tests.engine.session_engine import session_stack
 from tests.integration.front_door_cases import json_format
 from tests.support import raw_stream
 from tests.support.raw_stream import raw_events
@@ -63,18 +59,8 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def port(engine: VllmEngine, redis_url: str) -> AsyncIterator[int]:
-    frontend = await start_frontend(
-        FrontendSettings(redis_url=redis_url, grpc_host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0)
-    )
-    worker = await start_worker(
-        WorkerSettings(redis_url=redis_url, health_host="127.0.0.1", health_port=0, metrics_port=0),
-        SessionEngine(engine),
-    )
-    try:
+    async with session_stack(engine, redis_url) as frontend:
         yield frontend.port
-    finally:
-        await worker.stop(grace_s=0)
-        await frontend.stop(grace_s=0)
 
 
 def chat(seed: int, max_tokens: int = 96, **fields: Any) -> R.ChatRequest:

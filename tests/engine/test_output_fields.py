@@ -12,15 +12,12 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from mistral_serve.frontend.server import Frontend, start_frontend
-from mistral_serve.frontend.settings import FrontendSettings
+from mistral_serve.frontend.server import Frontend
 from mistral_serve.v1 import chat_pb2
-from mistral_serve.worker.app import start_worker
 from mistral_serve.worker.engine import EngineOutput, EngineRequest
-from mistral_serve.worker.settings import WorkerSettings
 from mistral_serve.worker.vllm_engine import VllmEngine, sampling_params
 from tests.engine.conversations import text_conversation
-from tests.engine.session_engine import SessionEngine
+from tests.engine.session_engine import session_stack
 from tests.engine.vllm_reference import LOGPROBS_RUN, LOGPROBS_SAMPLING
 from tests.support import raw_stream
 from tests.support.raw_stream import raw_events
@@ -105,18 +102,8 @@ def test_min_tokens_is_clamped_to_max_tokens_and_reduced_by_a_resume() -> None:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def stack(engine: VllmEngine, redis_url: str) -> AsyncIterator[Frontend]:
-    frontend = await start_frontend(
-        FrontendSettings(redis_url=redis_url, grpc_host="127.0.0.1", grpc_port=0, metrics_port=0, http_port=0)
-    )
-    worker = await start_worker(
-        WorkerSettings(redis_url=redis_url, health_host="127.0.0.1", health_port=0, metrics_port=0),
-        SessionEngine(engine),
-    )
-    try:
+    async with session_stack(engine, redis_url) as frontend:
         yield frontend
-    finally:
-        await worker.stop(grace_s=0)
-        await frontend.stop(grace_s=0)
 
 
 def logprobs_request() -> chat_pb2.ChatRequest:
