@@ -67,7 +67,9 @@ def greedy_outputs(model_dir: str, conversations: list[Any], max_model_len: int)
     results: dict[str, dict[str, Any]] = {}
     for c in conversations:
         (out,) = llm.chat(
-            c.openai_messages,
+            # As its loader turns them (see as_vllm_loads_images): vLLM's own renderer and processor
+            # disagree on an image with a sideways EXIF orientation, and `LLM.chat` then fails.
+            as_vllm_loads_images(c.openai_messages),
             SamplingParams(temperature=0.0, max_tokens=c.max_tokens),
             use_tqdm=False,
             tools=c.openai_tools,
