@@ -4,7 +4,6 @@ its JSON, cancel, probes, and the SERVER span and metrics of the door."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -22,7 +21,7 @@ from mistral_serve.frontend.server import Frontend, start_frontend
 from tests.integration.conftest import Stack
 from tests.support.scripted_engine import ScriptedEngine
 from tests.support.sse import joined_text, joined_tool_calls, read_events
-from tests.support.waiting import until
+from tests.support.waiting import until, until_async
 
 MODEL = "mistralai/Mistral-Small-3.2-24B-Instruct-2506"
 CALC_TOOL = {
@@ -230,17 +229,10 @@ async def test_models_and_probes(door: Frontend, http: aiohttp.ClientSession) ->
         async with http.get(url(door, "/health/ready")) as response:
             return response.status
 
-    statuses: list[int] = []
+    async def is_ready() -> bool:
+        return await ready() == 200
 
-    async def poll() -> None:
-        statuses.append(await ready())
-
-    for _ in range(200):
-        await poll()
-        if statuses[-1] == 200:
-            break
-        await asyncio.sleep(0.05)
-    assert statuses[-1] == 200
+    await until_async(is_ready, timeout_s=10)
     await door.health.drain()
     assert await ready() == 503
 
