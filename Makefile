@@ -78,7 +78,7 @@ lint: setup protos
 	cd protos && buf lint
 
 typecheck: setup protos
-	mypy common/mistral_serve/common service worker client devtools
+	mypy common/mistral_serve/common service worker client devtools tests bench scripts
 
 # 256 streams for 5 minutes against a frontend and two workers, a worker killed every 20 s.
 soak: setup protos

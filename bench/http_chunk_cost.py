@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import timeit
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aiohttp
 import grpc
@@ -89,10 +91,11 @@ def main() -> None:
     }
     with stack("http-chunk-cost", settings=settings) as running:
         meter = CpuMeter({"frontend": running.frontend_pids})
-        for door, run in (
+        doors: tuple[tuple[str, Callable[[], Coroutine[Any, Any, int]]], ...] = (
             ("grpc", lambda: grpc_streams(running.frontend_ports[0], args.streams, args.tokens)),
             ("http", lambda: http_streams(http_port, args.streams, args.tokens)),
-        ):
+        )
+        for door, run in doors:
             asyncio.run(run())  # warm up
             meter.start()
             chunks = asyncio.run(run())

@@ -23,7 +23,7 @@ async def test_history_and_resume_read_the_same_records(redis_url: str) -> None:
         for sequence, (text, tokens) in enumerate([("Hel", [1, 2]), ("lo", [3]), (" you", [4, 5])], 1):
             delta = chat_pb2.ChatEvent(delta=chat_pb2.Delta(sequence=sequence, text=text))
             writer.emit("r1", delta, urgent=True, token_ids=tokens, raw_text=text)
-            await until(lambda n=sequence: writer.writes >= n)
+            await until(lambda n=sequence: writer.writes >= n)  # type: ignore[misc]
         await writer.emit_final("r1", error_event(14, "gone", retryable=True))
         history = await EventFanout(client, "f1", pool="default").history("r1")
         resume = await Resume.read(client, "default", "r1")

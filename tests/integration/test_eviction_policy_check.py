@@ -94,7 +94,7 @@ async def test_frontend_warns_and_starts_where_config_is_denied(
     # What a managed Redis does: CONFIG is denied to the service's user.
     admin = redis.Redis(port=own_redis.port)
     admin.config_set("maxmemory-policy", "allkeys-lru")
-    admin.execute_command("ACL", "SETUSER", "default", "on", "nopass", "+@all", "-config")
+    admin.execute_command("ACL", "SETUSER", "default", "on", "nopass", "+@all", "-config")  # type: ignore[no-untyped-call]
     process, port = spawn("frontend", own_redis.url, subprocess_env)
     try:
         await wait_serving(port, FRONTEND_READINESS)

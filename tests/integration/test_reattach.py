@@ -40,10 +40,11 @@ async def follow_then_drop(port: int, text: str, deltas: int) -> tuple[str, list
         call = chat_pb2_grpc.ChatServiceStub(channel).ChatStream(
             chat_pb2.ChatStreamRequest(request=chat(text)), timeout=60
         )
-        request_id = (await call.read()).started.request_id
-        seen = [await call.read() for _ in range(deltas)]
+        first = await call.read()
+        assert isinstance(first, chat_pb2.ChatEvent)
+        seen = [event for _ in range(deltas) if isinstance(event := await call.read(), chat_pb2.ChatEvent)]
         call.cancel()
-    return request_id, seen
+    return first.started.request_id, seen
 
 
 def check_continuous(events: list[chat_pb2.ChatEvent]) -> None:

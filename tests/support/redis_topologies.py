@@ -10,6 +10,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -106,7 +107,7 @@ def start_cluster(folder: Path, primaries: int = 3) -> Topology:
     )
     for port in topology.ports.values():
         _until(
-            lambda p=port: redis.Redis(port=p).cluster("info")["cluster_state"] == "ok",
+            lambda p=port: _info(redis.Redis(port=p).cluster("info"))["cluster_state"] == "ok",
             f"cluster node {port} never saw the cluster ok",
         )
     first = next(iter(topology.ports.values()))
@@ -165,7 +166,7 @@ def start_sentinels(folder: Path, sentinels: int = 3, down_after_ms: int = 1000)
         )
         topology.ports[name] = port
     _until(
-        lambda: redis.Redis(port=replica).info("replication")["master_link_status"] == "up",
+        lambda: _info(redis.Redis(port=replica).info("replication"))["master_link_status"] == "up",
         "the replica never synced",
     )
     addresses = []
@@ -185,7 +186,7 @@ def start_sentinels(folder: Path, sentinels: int = 3, down_after_ms: int = 1000)
     for i in range(sentinels):
         port = topology.ports[f"sentinel{i}"]
         _until(
-            lambda p=port: redis.Redis(port=p).execute_command("SENTINEL", "REPLICAS", MASTER),
+            lambda p=port: redis.Redis(port=p).execute_command("SENTINEL", "REPLICAS", MASTER),  # type: ignore[no-untyped-call]
             f"sentinel {port} never saw the replica",
         )
     topology.settings["redis_url"] = "redis://mymaster/0"
@@ -193,7 +194,12 @@ def start_sentinels(folder: Path, sentinels: int = 3, down_after_ms: int = 1000)
     return topology
 
 
+def _info(reply: Any) -> dict[str, Any]:
+    """A sync client's INFO-style reply (redis-py types it as maybe-awaitable for both clients)."""
+    return dict(reply)
+
+
 def primary_port(topology: Topology) -> int:
     """The port of the primary the sentinels name now."""
-    _, port = redis.Redis(port=topology.ports["sentinel0"]).sentinel_get_master_addr_by_name(MASTER)
+    _, port = redis.Redis(port=topology.ports["sentinel0"]).sentinel_get_master_addr_by_name(MASTER)  # type: ignore[no-untyped-call]
     return int(port)

@@ -3,6 +3,7 @@ parts that read them agree."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
@@ -140,7 +141,7 @@ async def test_redis_work_is_retried_with_a_growing_capped_delay(monkeypatch: py
     async def no_sleep(delay: float) -> None:
         slept.append(delay)
 
-    monkeypatch.setattr(retry.asyncio, "sleep", no_sleep)
+    monkeypatch.setattr(asyncio, "sleep", no_sleep)
     failures = iter([RedisError("down")] * 8)
 
     async def op() -> str:
