@@ -12,6 +12,7 @@ from mistral_serve.worker.grammar import GrammarBuilder, GrammarError, calls_all
 from mistral_serve.worker.tool_calls import ToolCallStreamParser
 from tests.engine.tiny_model import ensure_tiny_model
 from tests.integration.front_door_cases import json_format
+from tests.support.scripted_engine import marks
 
 Mode = R.ToolChoice.Mode
 SCHEMA = {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC"]}}}
@@ -86,7 +87,8 @@ def test_json_with_a_forced_call_is_refused(builder: PromptBuilder) -> None:
 def test_none_returns_what_the_model_writes_as_text() -> None:
     chat = R.ChatRequest(tool_choice=R.ToolChoice(mode=Mode.MODE_NONE))
     parser = ToolCallStreamParser("r", calls_allowed=calls_allowed(chat))
-    text, deltas = parser.feed('[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}')
+    output = '[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}'
+    text, deltas = parser.feed(output, marks(output))  # the special tokens, found by id
     tail, calls = parser.finish()
     assert text + tail == '[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}' and not deltas and not calls
 

@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import SampleLogprobs
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.tokenizers.protocol import TokenizerLike
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -46,6 +46,7 @@ from mistral_serve.worker.engine import (
     EngineStopped,
 )
 from mistral_serve.worker.grammar import GrammarBuilder, GrammarError
+from mistral_serve.worker.tool_call_tokens import MarkLocator, ToolCallTokens, locate
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class VllmEngine:
         self._llm: AsyncLLM | None = None
         self._builder: PromptBuilder | None = None
         self._grammars: GrammarBuilder | None = None
+        self._call_tokens = ToolCallTokens({})
+        self._output_tokenizer: TokenizerLike | None = None
         self._stopping = False
         logging.getLogger(_VLLM_ASYNC_LLM_LOGGER).addFilter(self._engine_death_record)
 
@@ -163,6 +166,8 @@ class VllmEngine:
         # Off the event loop, so the worker's health server and heartbeats keep answering meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.settings.engine_args())
         self._builder, self._grammars, self._llm = builder, grammars, llm
+        self._call_tokens = ToolCallTokens.of(builder.tokenizer)
+        self._output_tokenizer = llm.renderer.tokenizer
         logger.info("vLLM engine ready: %s", self.settings.model)
 
     def is_ready(self) -> bool:
@@ -198,10 +203,14 @@ class VllmEngine:
             return None
         return self._grammars.grammar(chat, built.request)
 
-    def _decode(self, token_ids: tuple[int, ...]) -> str:
-        # Special tokens kept: the tool-call parser reads [TOOL_CALLS] and [ARGS] in the text.
-        inner = self.prompt_builder.tokenizer.instruct_tokenizer.tokenizer
-        return str(inner.decode(list(token_ids), special_token_policy=SpecialTokenPolicy.KEEP))
+    def _detokenize(self, token_ids: Sequence[int]) -> str:
+        if self._output_tokenizer is None:
+            raise RuntimeError("engine not started")
+        return detokenize(self._output_tokenizer, token_ids)
+
+    def resumed_output(self, request: EngineRequest) -> EngineOutput:
+        text, marks = locate(self._call_tokens, self._detokenize, request.resume_token_ids)
+        return EngineOutput(text, request.resume_token_ids, 0, marks=marks)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         llm = self._llm
@@ -242,6 +251,7 @@ class VllmEngine:
             params.seed = replay_seed(request.request_id)
 
         stream = llm.generate(prompt, params, request.request_id)
+        locator = MarkLocator(self._call_tokens, self._detokenize)
         finished = False
         try:
             async for out in stream:
@@ -251,9 +261,12 @@ class VllmEngine:
                 token_ids, text = tuple(completion.token_ids), completion.text
                 if replay is not None and not replay.done:
                     token_ids = replay.past(token_ids)
-                    text = self._decode(token_ids) if token_ids else ""
+                    text = self._detokenize(token_ids) if token_ids else ""
                     if not token_ids and reason is None:
                         continue
+                text, marks = locator.add(token_ids, text)
+                if reason is not None:
+                    text += locator.flush()
                 yield EngineOutput(
                     text=text,
                     token_ids=token_ids,
@@ -263,6 +276,7 @@ class VllmEngine:
                     logprobs=token_logprobs(completion.token_ids, completion.logprobs, params.logprobs or 0),
                     # vLLM's stop_reason: the stop string matched, or a stop token's id (not ours).
                     stop=completion.stop_reason if isinstance(completion.stop_reason, str) else None,
+                    marks=marks,
                 )
         except VLLMClientError as exc:
             raise EngineRequestError(str(exc)) from exc
@@ -273,6 +287,13 @@ class VllmEngine:
                 # Closing vLLM's generator aborts the request in the engine and frees its KV cache.
                 with contextlib.suppress(Exception):
                     await stream.aclose()
+
+
+def detokenize(tokenizer: TokenizerLike, token_ids: Sequence[int]) -> str:
+    """Output token ids as vLLM's detokenizer writes them (`skip_special_tokens`, its default:
+    [TOOL_CALLS] and [ARGS] as their names, [CALL_ID] and the end token as nothing)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(token_ids), skip_special_tokens=True)
+    return str(tokenizer.convert_tokens_to_string(tokens))
 
 
 class ReplayDiverged(RuntimeError):
