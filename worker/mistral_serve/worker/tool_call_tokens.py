@@ -94,7 +94,10 @@ class MarkLocator:
                     cut = mark.start - self._sent  # hold back the special token's partial text
                 break
             self._pending.pop(0)
-            marks.append(TokenMark(mark.marker, mark.start - self._sent, mark.end - self._sent))
+            # Never before text already handed on (a decode that disagrees with the stream, such as a
+            # character cut between tokens, must not move a mark into the past).
+            start = max(mark.start - self._sent, marks[-1].end if marks else 0)
+            marks.append(TokenMark(mark.marker, start, max(mark.end - self._sent, start)))
         text, self._held = text[:cut], text[cut:]
         self._sent += len(text)
         return text, tuple(marks)
