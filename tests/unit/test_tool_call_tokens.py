@@ -108,3 +108,10 @@ def test_the_ids_are_found_by_name_in_the_model_s_tokenizer(builder: PromptBuild
         assert inner.id_to_piece(token_id) == marker.value
     # The same characters as ordinary text are other tokens.
     assert not set(inner.encode("[TOOL_CALLS]x[ARGS]", bos=False, eos=False)) & set(tokens.ids)
+
+
+def test_a_decode_shorter_than_the_stream_never_puts_a_mark_before_sent_text() -> None:
+    # The stream wrote "Hi" for token 1 where the decode of it alone gives nothing (a character cut).
+    locator = MarkLocator(TOKENS, lambda ids: "".join("" if i == 1 else VOCAB[i] for i in ids))
+    assert locator.add((1,), "Hi") == ("Hi", ())
+    assert locator.add((9,), "[TOOL_CALLS]") == ("[TOOL_CALLS]", (TokenMark(Marker.TOOL_CALLS, 0, 12),))

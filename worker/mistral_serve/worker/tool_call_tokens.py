@@ -96,8 +96,9 @@ class MarkLocator:
             self._pending.pop(0)
             # Never before text already handed on (a decode that disagrees with the stream, such as a
             # character cut between tokens, must not move a mark into the past).
-            start = max(mark.start - self._sent, marks[-1].end if marks else 0)
-            marks.append(TokenMark(mark.marker, start, max(mark.end - self._sent, start)))
+            start, end = mark.start - self._sent, mark.end - self._sent
+            shift = max((marks[-1].end if marks else 0) - start, 0)
+            marks.append(TokenMark(mark.marker, start + shift, min(end + shift, len(text))))
         text, self._held = text[:cut], text[cut:]
         self._sent += len(text)
         return text, tuple(marks)
