@@ -457,6 +457,25 @@ def test_each_front_door_limit_reaches_the_frontend_setting_it_names(
         assert getattr(settings, re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()) == value
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_the_default_system_prompt_value_reaches_the_frontend_setting(
+    chart: helm.Chart, on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = env_of(frontend(render(chart, {"frontend": {"defaultSystemPrompt": on}})))
+    monkeypatch.setenv(
+        "MISTRAL_SERVE_DEFAULT_SYSTEM_PROMPT", env["MISTRAL_SERVE_DEFAULT_SYSTEM_PROMPT"]["value"]
+    )
+    assert FrontendSettings.from_env().default_system_prompt is on
+
+
+def test_the_default_system_prompt_is_on_by_default_and_must_be_a_boolean(chart: helm.Chart) -> None:
+    env = env_of(frontend(render(chart, {})))
+    assert env["MISTRAL_SERVE_DEFAULT_SYSTEM_PROMPT"]["value"] == "true"
+    assert FrontendSettings().default_system_prompt is True
+    with pytest.raises(Exception, match="defaultSystemPrompt"):
+        render(chart, {"frontend": {"defaultSystemPrompt": "no"}})
+
+
 def test_an_unknown_front_door_limit_is_refused(chart: helm.Chart) -> None:
     with pytest.raises(Exception, match=r"maxBananas|additional"):
         render(chart, {"frontend": {"limits": {"maxBananas": 3}}})

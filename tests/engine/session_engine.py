@@ -25,6 +25,9 @@ class SessionEngine:
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         return self._engine.generate(request)
 
+    def resumed_output(self, request: EngineRequest) -> EngineOutput:
+        return self._engine.resumed_output(request)
+
     async def abort(self, request_id: str) -> None:
         await self._engine.abort(request_id)
 

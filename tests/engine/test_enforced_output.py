@@ -153,20 +153,14 @@ async def test_json_schema_answers_validate_for_every_seed(port: int) -> None:
 
 
 async def test_json_object_answers_are_objects(port: int) -> None:
-    """Any JSON object: the keys are free strings, which the tiny model rarely closes, so most seeds run
-    to the token limit inside a key; the ones that stop parse, and every answer is an object so far."""
+    """Any JSON object. Its keys and strings are free, which the tiny model never closes by itself:
+    the engine's bounds (MISTRAL_SERVE_JSON_MAX_STRING, MISTRAL_SERVE_JSON_MAX_DEPTH, set for the tiny
+    model in `tiny_engine_env`) make every seed close its object well within the token limit."""
     fmt = R.ResponseFormat(type=R.ResponseFormat.TYPE_JSON_OBJECT)
     runs = await run_all(port, [chat(s, max_tokens=64, response_format=fmt) for s in SEEDS])
-    stopped = 0
     for events in runs:
-        answer = text_of(events).lstrip()
-        assert answer.startswith("{"), answer
-        if finished(events).finish_reason == R.FINISH_REASON_STOP:
-            stopped += 1
-            assert isinstance(json.loads(answer), dict)
-        else:
-            assert finished(events).finish_reason == R.FINISH_REASON_LENGTH
-    assert stopped, "some seeds close the object"
+        assert finished(events).finish_reason == R.FINISH_REASON_STOP, text_of(events)
+        assert isinstance(json.loads(text_of(events)), dict), text_of(events)
 
 
 async def test_a_resumed_enforced_call_is_the_same_call(engine: VllmEngine) -> None:

@@ -18,6 +18,7 @@ from mistral_serve.worker.jobs import Resume, generate_events
 from mistral_serve.worker.metrics import WorkerMetrics
 from mistral_serve.worker.tracing import WorkerTelemetry
 from tests.support.requests import chat
+from tests.support.scripted_engine import marks
 
 CHUNKS = [
     "Let me ",
@@ -37,7 +38,8 @@ CHUNKS = [
 
 
 class ChunkEngine:
-    """Emits CHUNKS, one token each, continuing after a resumed request's tokens."""
+    """Emits CHUNKS, one token each (the marker names as special tokens), continuing after a resumed
+    request's tokens."""
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         start = len(request.resume_token_ids)
@@ -47,8 +49,14 @@ class ChunkEngine:
                 token_ids=(i,),
                 prompt_tokens=5,
                 finish_reason="stop" if i == len(CHUNKS) - 1 else None,
+                marks=marks(CHUNKS[i]),
             )
             await asyncio.sleep(0)
+
+    def resumed_output(self, request: EngineRequest) -> EngineOutput:
+        """The resumed tokens' text from their ids alone (token i is CHUNKS[i])."""
+        text = "".join(CHUNKS[i] for i in request.resume_token_ids)
+        return EngineOutput(text, request.resume_token_ids, 5, marks=marks(text))
 
 
 async def run(redis_url: str, request_id: str, resume: Resume | None = None) -> list[queue_pb2.EventRecord]:

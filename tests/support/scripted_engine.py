@@ -2,6 +2,9 @@
 
 The text depends only on the request (its last message and max_tokens), so the same request gives
 the same text on any worker. It records what reached it, so tests can see aborts and skips.
+
+Its "tokenizer" reads the names of the tool-call special tokens in a word as those tokens (`marks`):
+a prompt that says `[TOOL_CALLS]f[ARGS]{}` gets a call, as a model writing those tokens would.
 """
 
 from __future__ import annotations
@@ -9,9 +12,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 from collections.abc import AsyncIterator
 
-from mistral_serve.worker.engine import EngineFinishReason, EngineOutput, EngineRequest, EngineRequestError
+from mistral_serve.worker.engine import (
+    EngineFinishReason,
+    EngineOutput,
+    EngineRequest,
+    EngineRequestError,
+    Marker,
+    TokenMark,
+)
 
 DEFAULT_TOKENS = 12
 
@@ -37,6 +48,11 @@ class ScriptedEngine:
     def running_count(self) -> int:
         return len(self._running)
 
+    def resumed_output(self, request: EngineRequest) -> EngineOutput:
+        words, _ = script_for(request, self.default_tokens)
+        text = "".join(spaced(words, i) for i in range(min(len(words), len(request.resume_token_ids))))
+        return EngineOutput(text, request.resume_token_ids, 0, marks=marks(text))
+
     async def abort(self, request_id: str) -> None:
         if request_id in self._running:
             self.aborted_ids.append(request_id)
@@ -55,7 +71,7 @@ class ScriptedEngine:
         prompt_tokens = sum(len(part.text.split()) for m in request.chat.messages for part in m.content)
         try:
             # A resumed request continues after the tokens it already streamed.
-            for i, word in enumerate(words):
+            for i in range(len(words)):
                 if i < len(request.resume_token_ids):
                     continue
                 if self.interval_s:
@@ -64,17 +80,32 @@ class ScriptedEngine:
                     return
                 last = i == len(words) - 1
                 self.emitted[request.request_id] += 1
+                text = spaced(words, i)
                 yield EngineOutput(
-                    text=word if i == 0 else " " + word,
+                    text=text,
                     token_ids=(1000 + i,),
                     prompt_tokens=prompt_tokens,
                     finish_reason=reason if last else None,
+                    marks=marks(text),
                 )
         except (asyncio.CancelledError, GeneratorExit):
             await self.abort(request.request_id)
             raise
         finally:
             self._running.discard(request.request_id)
+
+
+_MARKER_RE = re.compile("|".join(re.escape(m.value) for m in Marker))
+
+
+def marks(text: str) -> tuple[TokenMark, ...]:
+    """Every marker name in `text` read as its special token: a model's output written as text."""
+    return tuple(TokenMark(Marker(m.group()), m.start(), m.end()) for m in _MARKER_RE.finditer(text))
+
+
+def spaced(words: list[str], i: int) -> str:
+    """Word `i` as the engine streams it: after a blank, but for the first."""
+    return words[i] if i == 0 else " " + words[i]
 
 
 def script_for(

@@ -26,6 +26,7 @@ from mistral_serve.worker.settings import WorkerSettings
 from mistral_serve.worker.tool_calls import ToolCallStreamParser
 from tests.integration.front_door_cases import assistant, call, req, result, user
 from tests.integration.test_front_door import form_of
+from tests.support.scripted_engine import marks
 
 
 def test_openai_style_call_ids_are_their_last_nine_characters() -> None:
@@ -40,7 +41,7 @@ def test_openai_style_call_ids_are_their_last_nine_characters() -> None:
 
 def parsed_calls(output: str) -> tuple[str, list[R.FunctionCall]]:
     parser = ToolCallStreamParser(call_id_seed="r1")
-    text, _ = parser.feed(output)
+    text, _ = parser.feed(output, marks(output))  # its marker names as the special tokens
     tail, calls = parser.finish()
     return text + tail, calls
 

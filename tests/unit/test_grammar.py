@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import pytest
+from llguidance import LLMatcher, grammar_from
 
 from mistral_serve.common.prompts import PromptBuilder
 from mistral_serve.v1 import chat_pb2 as R
-from mistral_serve.worker.grammar import GrammarBuilder, GrammarError, calls_allowed
+from mistral_serve.worker.grammar import GrammarBuilder, GrammarError, any_object, calls_allowed
 from mistral_serve.worker.tool_calls import ToolCallStreamParser
 from tests.engine.tiny_model import ensure_tiny_model
 from tests.integration.front_door_cases import json_format
+from tests.support.scripted_engine import marks
 
 Mode = R.ToolChoice.Mode
 SCHEMA = {"type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC"]}}}
@@ -86,7 +89,8 @@ def test_json_with_a_forced_call_is_refused(builder: PromptBuilder) -> None:
 def test_none_returns_what_the_model_writes_as_text() -> None:
     chat = R.ChatRequest(tool_choice=R.ToolChoice(mode=Mode.MODE_NONE))
     parser = ToolCallStreamParser("r", calls_allowed=calls_allowed(chat))
-    text, deltas = parser.feed('[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}')
+    output = '[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}'
+    text, deltas = parser.feed(output, marks(output))  # the special tokens, found by id
     tail, calls = parser.finish()
     assert text + tail == '[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}' and not deltas and not calls
 
@@ -99,3 +103,45 @@ def test_a_replay_drops_the_streamed_tokens_and_catches_a_divergence() -> None:
     assert replay.past((3, 4, 5)) == (4, 5) and replay.done
     with pytest.raises(ReplayDiverged):
         _Replay((1, 2)).past((1, 9))
+
+
+@pytest.mark.parametrize(("max_string", "max_depth"), [(16, 1), (4, 2), (None, 2), (8, None)])
+def test_bounded_json_objects_are_valid_llguidance_schemas(
+    max_string: int | None, max_depth: int | None
+) -> None:
+    schema = any_object(max_string, max_depth)
+    assert LLMatcher.validate_grammar_with_warnings(grammar_from("json_schema", json.dumps(schema))) == (
+        False,
+        [],
+    )
+
+
+def test_a_bounded_json_object_bounds_its_strings_keys_and_depth() -> None:
+    flat = any_object(4, 1)
+    jsonschema.validate({"abcd": "wxyz", "n": 1.5, "b": True, "z": None}, flat)
+    for too_much in ({"abcde": 1}, {"a": "vwxyz"}, {"a": {}}, {"a": [1]}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(too_much, flat)
+    jsonschema.validate({"a": [{"b": "c"}]}, any_object(4, 3))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"a": [{"b": [1]}]}, any_object(4, 3))
+    deep = any_object(2, None)  # any depth, short strings
+    jsonschema.validate({"a": {"b": {"c": ["de"]}}}, deep)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"a": {"b": {"c": ["def"]}}}, deep)
+    assert any_object() == {"type": "object"}
+
+
+def test_the_json_object_answer_uses_the_bounded_schema(builder: PromptBuilder) -> None:
+    chat = R.ChatRequest(
+        messages=[R.Message(role=R.ROLE_USER, content=[R.ContentPart(text="hi")])],
+        response_format=R.ResponseFormat(type=R.ResponseFormat.TYPE_JSON_OBJECT),
+    )
+    built = builder.build(chat)
+    assert built.request is not None
+    bounded = GrammarBuilder(builder.tokenizer, json_max_string=5, json_max_depth=1).grammar(
+        chat, built.request
+    )
+    free = GrammarBuilder(builder.tokenizer).grammar(chat, built.request)
+    assert bounded is not None and free is not None
+    assert '"maxLength": 5' in bounded and "maxLength" not in free

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -27,6 +28,25 @@ class EngineRequest:
     resume_token_ids: tuple[int, ...] = field(default=())
 
 
+class Marker(enum.Enum):
+    """The special tokens of the model's tool-call format: `[TOOL_CALLS]name[CALL_ID]id[ARGS]{json}`."""
+
+    TOOL_CALLS = "[TOOL_CALLS]"
+    ARGS = "[ARGS]"
+    CALL_ID = "[CALL_ID]"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenMark:
+    """Where a tool-call special token sits in an output's text: `text[start:end]` is what the
+    detokenizer wrote for it (its name, or nothing). Text outside marks is ordinary tokens' text,
+    even where it spells a marker's name."""
+
+    marker: Marker
+    start: int
+    end: int
+
+
 @dataclass(frozen=True, slots=True)
 class EngineOutput:
     """What one engine step produced for one request: only what is new since the last output."""
@@ -41,6 +61,8 @@ class EngineOutput:
     logprobs: tuple[chat_pb2.TokenLogprob, ...] = ()
     # On the last output: the stop sequence that ended it, None when none did.
     stop: str | None = None
+    # The tool-call special tokens in `text`, found by token id, in order.
+    marks: tuple[TokenMark, ...] = ()
 
 
 class Engine(Protocol):
@@ -49,6 +71,10 @@ class Engine(Protocol):
 
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """Stream the outputs of one request. Cancelling the consumer aborts the request."""
+
+    def resumed_output(self, request: EngineRequest) -> EngineOutput:
+        """The text and marks of `request.resume_token_ids`, as `generate` streamed them: what brings a
+        resumed request's tool-call parser back to its state."""
 
     async def abort(self, request_id: str) -> None:
         """End a request and free its resources. Idempotent; unknown ids are ignored."""

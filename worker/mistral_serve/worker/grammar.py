@@ -14,6 +14,11 @@ caller asked for:
 - with `compact_json`, JSON is generated without whitespace between its tokens (llguidance's
   `whitespace_flexible: false`): a model never pads a value with runs of spaces and newlines, and the
   answer is the shortest text of the same JSON.
+
+With `json_max_string` and `json_max_depth`, "any JSON object" (response format JSON object, or a
+non-strict schema) is any JSON object whose keys and strings are at most that many characters and
+whose arrays and objects nest at most that deep: a model that keeps a free string open or keeps
+opening values (as a weak or random one does) is made to close them.
 """
 
 from __future__ import annotations
@@ -49,11 +54,19 @@ class GrammarError(ValueError):
 class GrammarBuilder:
     """Lark grammars for one tokenizer; None where a request needs no constraint."""
 
-    def __init__(self, tokenizer: Tokenizer, *, compact_json: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        compact_json: bool = True,
+        json_max_string: int | None = None,
+        json_max_depth: int | None = None,
+    ) -> None:
         # Tekken v11+ only (the tokenizers with [ARGS]); older ones get no grammar, as in vLLM.
         self._factory = GrammarFactory(tokenizer) if GrammarFactory.is_supported(tokenizer) else None
         self._template = self._factory.select_jinja_template() if self._factory is not None else ""
         self._compact_json = compact_json
+        self._any_object = any_object(json_max_string, json_max_depth)
 
     @property
     def supported(self) -> bool:
@@ -86,13 +99,41 @@ class GrammarBuilder:
     def _response_format(self, fmt: chat_pb2.ResponseFormat) -> ResponseFormat:
         if fmt.type in (Format.TYPE_UNSPECIFIED, Format.TYPE_TEXT):
             return ResponseFormat(type=ResponseFormats.text)
-        schema = _ANY_OBJECT
+        schema = self._any_object
         if fmt.type == Format.TYPE_JSON_SCHEMA and fmt.json_schema.strict:
             schema = json.loads(fmt.json_schema.schema_json)
         # Always a strict schema for the factory: a non-strict one is any JSON object here, and
         # passing it as a schema of our own lets it be compact too.
         named = JsonSchema(name=fmt.json_schema.name or "answer", schema=self._schema(schema), strict=True)
         return ResponseFormat(type=ResponseFormats.json_schema, json_schema=named)
+
+
+def any_object(max_string: int | None = None, max_depth: int | None = None) -> dict[str, Any]:
+    """The schema of "any JSON object", with keys and strings of at most `max_string` characters and
+    arrays and objects nested at most `max_depth` deep (the answer itself is depth 1); None: no bound.
+    llguidance has no `propertyNames`, so a key pattern bounds the keys."""
+    if max_string is None and max_depth is None:
+        return _ANY_OBJECT
+    string: dict[str, Any] = {"type": "string"}
+    if max_string is not None:
+        string["maxLength"] = max_string
+    scalar = [string, {"type": ["number", "boolean", "null"]}]
+
+    def containers(value: dict[str, Any]) -> list[dict[str, Any]]:
+        members: dict[str, Any] = (
+            {"additionalProperties": value}
+            if max_string is None
+            else {"patternProperties": {f"^.{{0,{max_string}}}$": value}, "additionalProperties": False}
+        )
+        return [{"type": "array", "items": value}, {"type": "object", **members}]
+
+    if max_depth is None:
+        ref = {"$ref": "#/$defs/value"}
+        return {"$defs": {"value": {"anyOf": [*scalar, *containers(ref)]}}, **containers(ref)[1]}
+    value: dict[str, Any] = {"anyOf": scalar}
+    for _ in range(max_depth - 1):  # from the innermost level out
+        value = {"anyOf": [*scalar, *containers(value)]}
+    return containers(value)[1]
 
 
 def parallel_tool_calls(chat: chat_pb2.ChatRequest) -> bool:

@@ -73,7 +73,8 @@ async def generate_events(
     """Stream `queued`'s deltas through `writer`; return the `finished` event (not yet written).
 
     With `resume`, the engine continues after the tokens already streamed, the parser is brought to
-    the state it had then (by feeding it the raw text again, its output dropped: the caller has it),
+    the state it had then (by feeding it those tokens again as the engine decodes them, its output
+    dropped: the caller has it),
     and sequence numbers go on from the last one sent. The run is traced and measured (`tracing`) as
     run number `attempt` of the job.
     """
@@ -89,8 +90,12 @@ async def _generate(
 ) -> chat_pb2.ChatEvent:
     request_id = queued.request_id
     started_at = job.started_at
+    engine_request = EngineRequest(request_id, queued.request, resume_token_ids=resume.token_ids)
     parser = ToolCallStreamParser(call_id_seed=request_id, calls_allowed=calls_allowed(queued.request))
-    parser.feed(resume.raw_text)
+    if resume.token_ids:
+        # Replayed by token id, as the engine streamed them: markers are found again by their ids.
+        replayed = engine.resumed_output(engine_request)
+        parser.feed(replayed.text, replayed.marks)
     sequence = resume.sequence
     unsent = _Unsent()
     usage = chat_pb2.Usage(completion_tokens=len(resume.token_ids))
@@ -119,7 +124,6 @@ async def _generate(
         )
         unsent = _Unsent()
 
-    engine_request = EngineRequest(request_id, queued.request, resume_token_ids=resume.token_ids)
     async for out in engine.generate(engine_request):
         usage.prompt_tokens = out.prompt_tokens
         usage.image_tokens = out.image_tokens
@@ -130,7 +134,7 @@ async def _generate(
         if first_token_at is None and out.token_ids:
             job.first_token()
             first_token_at = job.first_token_at
-        text, calls = parser.feed(out.text)
+        text, calls = parser.feed(out.text, out.marks)
         if text or calls:
             emit(text, calls)
         if out.finish_reason is not None:

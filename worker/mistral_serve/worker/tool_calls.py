@@ -1,9 +1,15 @@
-"""Turns the model's streamed text into text deltas and tool-call deltas.
+"""Turns the model's streamed output into text deltas and tool-call deltas.
 
 Mistral-Small-3.2 writes tool calls as `[TOOL_CALLS]name[ARGS]{json}` (repeated for parallel calls),
-after any text it says first. vLLM's mistral detokenizer keeps `[TOOL_CALLS]` and `[ARGS]` in the text.
-Older Mistral models wrote `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`; that form is
-understood too, since a model may fall back to it.
+after any text it says first; newer tokenizers put `[CALL_ID]id` before `[ARGS]`. Older Mistral
+models wrote `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`; that form is understood too,
+since a model may fall back to it.
+
+The markers are special tokens, found by token id (`tool_call_tokens.py`) and given to `feed` as
+`TokenMark`s beside the text. Text outside the marks is ordinary tokens' text and stays text, even
+where it spells "[TOOL_CALLS]": a model that writes those characters as ordinary tokens (or quotes
+them) starts no call. A call's id is ours (seeded, see below); an id the model writes after
+`[CALL_ID]` is read and dropped.
 
 Streaming: a call's id and name are sent once `[ARGS]` ends the name, then its arguments in fragments
 as they arrive. The complete calls come from `finish`, and they are what counts: output that turns out
@@ -19,6 +25,7 @@ import json
 import re
 import secrets
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mistral_serve.common.contract import (
@@ -29,8 +36,10 @@ from mistral_serve.common.contract import (
 )
 from mistral_serve.v1 import chat_pb2
 
-TOOL_CALLS_TOKEN = "[TOOL_CALLS]"
-ARGS_TOKEN = "[ARGS]"
+from .engine import Marker, TokenMark
+
+TOOL_CALLS_TOKEN = Marker.TOOL_CALLS.value
+ARGS_TOKEN = Marker.ARGS.value
 _ID_ALPHABET = string.ascii_letters + string.digits
 # The front door's function-name rule (FUNCTION_NAME): a call named otherwise is returned as text,
 # never as a call the caller could not send back.
@@ -43,14 +52,6 @@ def new_tool_call_id(seed: str = "") -> str:
         return "".join(secrets.choice(_ID_ALPHABET) for _ in range(TOOL_CALL_ID_LENGTH))
     digest = hashlib.sha256(seed.encode()).digest()
     return "".join(_ID_ALPHABET[b % len(_ID_ALPHABET)] for b in digest[:TOOL_CALL_ID_LENGTH])
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of `text` that begins `marker` (a marker split across deltas)."""
-    for n in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class _JsonEnd:
@@ -82,8 +83,9 @@ class _JsonEnd:
 
 
 class _State(enum.Enum):
-    TEXT = enum.auto()  # plain text, watching for [TOOL_CALLS]
-    NAME = enum.auto()  # after [TOOL_CALLS], reading a name up to [ARGS]
+    TEXT = enum.auto()  # plain text, waiting for a [TOOL_CALLS] token
+    NAME = enum.auto()  # after [TOOL_CALLS], reading a name up to [ARGS] (or [CALL_ID])
+    CALL_ID = enum.auto()  # after [CALL_ID], reading the model's id of the call up to [ARGS]
     ARGS = enum.auto()  # after [ARGS], reading one JSON object
     AFTER_ARGS = enum.auto()  # after a call's arguments: another [TOOL_CALLS], or text
     LEGACY = enum.auto()  # after [TOOL_CALLS], reading the older JSON list of calls
@@ -99,7 +101,7 @@ class _Call:
 
 
 class ToolCallStreamParser:
-    """One per request. `feed` each text delta; `finish` once at the end."""
+    """One per request. `feed` each output's text and marks; `finish` once at the end."""
 
     def __init__(self, call_id_seed: str = "", *, calls_allowed: bool = True) -> None:
         # With a seed (the request id), a call's id depends only on the seed and the call's index, so a
@@ -107,10 +109,10 @@ class ToolCallStreamParser:
         self._call_id_seed = call_id_seed
         self._calls: list[chat_pb2.FunctionCall] = []
         self._state = _State.TEXT
-        self._buf = ""  # received, not yet classified
+        self._raw = ""  # the model's text since [TOOL_CALLS] (NAME, CALL_ID, LEGACY), or blanks (AFTER_ARGS)
+        self._name = ""  # NAME: the text read as the name so far
         self._current: _Call | None = None
         self._json = _JsonEnd()
-        self._legacy_raw = ""
         self._next_index = 0
         # False for tool choice NONE: the caller asked for no call, so whatever the model writes is text.
         self._calls_allowed = calls_allowed
@@ -123,100 +125,124 @@ class ToolCallStreamParser:
         """True once at least one complete, well-formed call was parsed."""
         return bool(self._calls)
 
-    def feed(self, text: str) -> tuple[str, list[chat_pb2.FunctionCallDelta]]:
-        """Return the text to show the caller and the tool-call fragments found in `text`."""
+    def feed(
+        self, text: str, marks: Sequence[TokenMark] = ()
+    ) -> tuple[str, list[chat_pb2.FunctionCallDelta]]:
+        """Return the text to show the caller and the tool-call fragments found in one output."""
         if not self._calls_allowed:
             return text, []
-        self._buf += text
         out: list[str] = []
         deltas: list[chat_pb2.FunctionCallDelta] = []
-        while self._step(out, deltas):
-            pass
+        at = 0
+        for mark in marks:
+            self._text(text[at : mark.start], out, deltas)
+            self._marker(mark.marker, text[mark.start : mark.end], out, deltas)
+            at = mark.end
+        self._text(text[at:], out, deltas)
         return "".join(out), deltas
 
     def finish(self) -> tuple[str, list[chat_pb2.FunctionCall]]:
         """Return any text held back and the complete tool calls."""
         held: list[str] = []
-        if self._state is _State.NAME:
-            held.append(TOOL_CALLS_TOKEN + self._buf)
-        elif self._state is _State.ARGS and self._current is not None:
-            # Cut off before its arguments closed (e.g. at the token limit).
-            held.append(self._current.raw + self._buf)
-        elif self._state is _State.LEGACY:
-            held.append(self._legacy_raw + self._buf)
-        else:
-            held.append(self._buf)
-        self._buf = ""
+        self._drop_partial(held)
+        if self._state is _State.AFTER_ARGS:
+            held.append(self._raw)
+        self._raw = ""
         self._state = _State.TEXT
-        self._current = None
         return "".join(held), list(self._calls)
 
-    # One transition per call; False when the buffer needs more text before anything can be decided.
-    def _step(self, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]) -> bool:
-        if self._state is _State.TEXT:
-            return self._step_text(out)
-        if self._state is _State.NAME:
-            return self._step_name(out, deltas)
-        if self._state is _State.ARGS:
-            return self._step_args(out, deltas)
-        if self._state is _State.AFTER_ARGS:
-            return self._step_after_args()
-        return self._step_legacy(out, deltas)
-
-    def _step_text(self, out: list[str]) -> bool:
-        i = self._buf.find(TOOL_CALLS_TOKEN)
-        if i >= 0:
-            out.append(self._buf[:i])
-            self._buf = self._buf[i + len(TOOL_CALLS_TOKEN) :]
-            self._state = _State.NAME
-            return True
-        keep = _partial_suffix(self._buf, TOOL_CALLS_TOKEN)
-        out.append(self._buf[: len(self._buf) - keep])
-        self._buf = self._buf[len(self._buf) - keep :]
-        return False
-
-    def _step_name(self, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]) -> bool:
-        stripped = self._buf.lstrip()
-        if stripped[:1] in ("[", "{") and not ARGS_TOKEN.startswith(stripped[: len(ARGS_TOKEN)]):
-            self._state = _State.LEGACY
-            self._legacy_raw = TOOL_CALLS_TOKEN + self._buf[: len(self._buf) - len(stripped)]
-            self._buf = stripped
-            self._json = _JsonEnd()
-            return True
-        i = self._buf.find(ARGS_TOKEN)
-        if i >= 0:
-            name = self._buf[:i].strip()
-            if not FUNCTION_NAME.fullmatch(name):
-                return self._name_is_text(out)
-            raw = TOOL_CALLS_TOKEN + self._buf[: i + len(ARGS_TOKEN)]
-            self._current = _Call(index=self._next_index, id=self._call_id(), name=name, raw=raw)
-            self._next_index += 1
-            deltas.append(
-                chat_pb2.FunctionCallDelta(index=self._current.index, id=self._current.id, name=name)
-            )
-            self._buf = self._buf[i + len(ARGS_TOKEN) :]
-            self._state = _State.ARGS
-            self._json = _JsonEnd()
-            return True
-        # No [ARGS] yet: give up early once the text cannot be a name any more.
-        candidate = self._buf[: len(self._buf) - _partial_suffix(self._buf, ARGS_TOKEN)].strip()
-        if len(candidate) > FUNCTION_NAME_MAX or not _NAME_CHAR_RE.fullmatch(candidate):
-            return self._name_is_text(out)
-        return False
-
-    def _name_is_text(self, out: list[str]) -> bool:
-        out.append(TOOL_CALLS_TOKEN)
+    def _drop_partial(self, out: list[str]) -> None:
+        """A call begun and not complete is the model's text: show it, back to TEXT."""
+        if self._state in (_State.NAME, _State.CALL_ID, _State.LEGACY):
+            out.append(self._raw)
+        elif self._state is _State.ARGS and self._current is not None:
+            out.append(self._current.raw)  # e.g. cut off at the token limit
+        else:
+            return
+        self._raw, self._name, self._current = "", "", None
         self._state = _State.TEXT
-        return True
 
-    def _step_args(self, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]) -> bool:
+    def _marker(
+        self, marker: Marker, text: str, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]
+    ) -> None:
+        state = self._state
+        if marker is Marker.ARGS and state in (_State.NAME, _State.CALL_ID):
+            self._begin_args(text, out, deltas)
+            return
+        if marker is Marker.CALL_ID and state is _State.NAME and FUNCTION_NAME.fullmatch(self._name.strip()):
+            self._raw += text
+            self._state = _State.CALL_ID
+            return
+        # Blanks between parallel calls are dropped; anything else begun is the model's text.
+        if not (marker is Marker.TOOL_CALLS and state is _State.AFTER_ARGS):
+            self._drop_partial(out)
+            if self._state is _State.AFTER_ARGS:
+                out.append(self._raw)
+        if marker is Marker.TOOL_CALLS:
+            self._raw, self._name = text, ""
+            self._state = _State.NAME
+        else:
+            out.append(text)  # a stray [ARGS] or [CALL_ID]: the model's text
+            self._raw = ""
+            self._state = _State.TEXT
+
+    def _begin_args(self, text: str, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]) -> None:
+        name = self._name.strip()
+        if not FUNCTION_NAME.fullmatch(name):
+            self._raw += text
+            self._drop_partial(out)
+            return
+        self._current = _Call(index=self._next_index, id=self._call_id(), name=name, raw=self._raw + text)
+        self._next_index += 1
+        deltas.append(chat_pb2.FunctionCallDelta(index=self._current.index, id=self._current.id, name=name))
+        self._raw, self._name = "", ""
+        self._state = _State.ARGS
+        self._json = _JsonEnd()
+
+    # Ordinary text, in whatever state: each step takes what it can and says what is left.
+    def _text(self, text: str, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]) -> None:
+        while text:
+            if self._state is _State.TEXT:
+                out.append(text)
+                return
+            if self._state is _State.NAME:
+                text = self._name_text(text, out)
+            elif self._state is _State.CALL_ID:
+                self._raw += text
+                return
+            elif self._state is _State.ARGS:
+                text = self._args_text(text, out, deltas)
+            elif self._state is _State.AFTER_ARGS:
+                text = self._after_args_text(text, out)
+            else:
+                text = self._legacy_text(text, out, deltas)
+
+    def _name_text(self, text: str, out: list[str]) -> str:
+        name = self._name + text
+        stripped = name.lstrip()
+        if stripped[:1] in ("[", "{"):
+            # The older form: a JSON list (or object) of calls right after [TOOL_CALLS].
+            # (What was read as the name before is blanks, already in the raw text.)
+            self._raw += text[: len(text) - len(stripped)]
+            self._name = ""
+            self._state = _State.LEGACY
+            self._json = _JsonEnd()
+            return stripped
+        self._raw += text
+        self._name = name
+        # Give up early once the text cannot be a name any more.
+        if len(name.strip()) > FUNCTION_NAME_MAX or not _NAME_CHAR_RE.fullmatch(name.strip()):
+            self._drop_partial(out)
+        return ""
+
+    def _args_text(self, text: str, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]) -> str:
         call = self._current
         assert call is not None
         fragment: list[str] = []
         consumed = 0
         closed = False
         malformed = False
-        for ch in self._buf:
+        for ch in text:
             if self._json.depth == 0 and not call.arguments and not fragment:
                 if ch.isspace():
                     consumed += 1
@@ -231,23 +257,18 @@ class ToolCallStreamParser:
                 closed = True
                 break
         piece = "".join(fragment)
-        self._buf = self._buf[consumed:]
         call.arguments += piece
         call.raw += piece
         if piece:
             deltas.append(chat_pb2.FunctionCallDelta(index=call.index, arguments_fragment=piece))
         if malformed:
-            out.append(call.raw)
-            self._current = None
-            self._state = _State.TEXT
-            return True
-        if closed:
-            self._state = _State.AFTER_ARGS if self._complete(call, out) else _State.TEXT
-            return True
-        return False
+            self._drop_partial(out)
+        elif closed:
+            self._complete(call, out)
+        return text[consumed:]
 
-    def _complete(self, call: _Call, out: list[str]) -> bool:
-        """Keep the call if its arguments are a JSON object, else show its text; True if kept."""
+    def _complete(self, call: _Call, out: list[str]) -> None:
+        """Keep the call if its arguments are a JSON object, else show its text."""
         self._current = None
         try:
             parsed = json.loads(call.arguments)
@@ -257,39 +278,36 @@ class ToolCallStreamParser:
             self._calls.append(
                 chat_pb2.FunctionCall(id=call.id, name=call.name, arguments_json=call.arguments)
             )
-            return True
+            self._raw = ""
+            self._state = _State.AFTER_ARGS
+            return
         out.append(call.raw)
-        return False
-
-    def _step_after_args(self) -> bool:
-        stripped = self._buf.lstrip()
-        if stripped.startswith(TOOL_CALLS_TOKEN):
-            self._buf = stripped[len(TOOL_CALLS_TOKEN) :]
-            self._state = _State.NAME
-            return True
-        if not stripped or TOOL_CALLS_TOKEN.startswith(stripped):
-            return False
-        # Text after the calls: not the model's format, but it is still the model's answer.
         self._state = _State.TEXT
-        return True
 
-    def _step_legacy(self, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]) -> bool:
-        for n, ch in enumerate(self._buf):
+    def _after_args_text(self, text: str, out: list[str]) -> str:
+        stripped = text.lstrip()
+        self._raw += text[: len(text) - len(stripped)]
+        if stripped:
+            # Text after the calls: not the model's format, but it is still the model's answer.
+            out.append(self._raw)
+            self._raw = ""
+            self._state = _State.TEXT
+        return stripped
+
+    def _legacy_text(self, text: str, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]) -> str:
+        for n, ch in enumerate(text):
             if self._json.feed_char(ch):
-                value_text = self._buf[: n + 1]
-                self._buf = self._buf[n + 1 :]
-                self._legacy_raw += value_text
-                self._legacy_calls(value_text, out, deltas)
-                return True
-        self._legacy_raw += self._buf
-        self._buf = ""
-        return False
+                self._raw += text[: n + 1]
+                self._name += text[: n + 1]
+                self._legacy_calls(out, deltas)
+                return text[n + 1 :]
+        self._raw += text
+        self._name += text  # LEGACY: the JSON value so far
+        return ""
 
-    def _legacy_calls(
-        self, value_text: str, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]
-    ) -> None:
+    def _legacy_calls(self, out: list[str], deltas: list[chat_pb2.FunctionCallDelta]) -> None:
         try:
-            value = json.loads(value_text)
+            value = json.loads(self._name)
         except json.JSONDecodeError:
             value = None
         items = value if isinstance(value, list) else [value]
@@ -314,9 +332,7 @@ class ToolCallStreamParser:
                     deltas.append(chat_pb2.FunctionCallDelta(index=index, id=call_id, name=name))
                     deltas.append(chat_pb2.FunctionCallDelta(index=index, arguments_fragment=args_json))
                     self._calls.append(chat_pb2.FunctionCall(id=call_id, name=name, arguments_json=args_json))
-                self._legacy_raw = ""
+                self._raw, self._name = "", ""
                 self._state = _State.AFTER_ARGS
                 return
-        out.append(self._legacy_raw)
-        self._legacy_raw = ""
-        self._state = _State.TEXT
+        self._drop_partial(out)

