@@ -119,7 +119,8 @@ def test_bounded_json_objects_are_valid_llguidance_schemas(
 def test_a_bounded_json_object_bounds_its_strings_keys_and_depth() -> None:
     flat = any_object(4, 1)
     jsonschema.validate({"abcd": "wxyz", "n": 1.5, "b": True, "z": None}, flat)
-    for too_much in ({"abcde": 1}, {"a": "vwxyz"}, {"a": {}}, {"a": [1]}):
+    too_much_cases: list[dict[str, object]] = [{"abcde": 1}, {"a": "vwxyz"}, {"a": {}}, {"a": [1]}]
+    for too_much in too_much_cases:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(too_much, flat)
     jsonschema.validate({"a": [{"b": "c"}]}, any_object(4, 3))

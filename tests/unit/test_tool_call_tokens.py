@@ -39,7 +39,7 @@ def detokenize(ids: Sequence[int]) -> str:
     return "".join(VOCAB[i] for i in ids)
 
 
-def parse(steps: list[tuple[tuple[int, ...], str]], finish_text: str = "") -> tuple[str, list[str]]:
+def parse(steps: Sequence[tuple[tuple[int, ...], str]], finish_text: str = "") -> tuple[str, list[str]]:
     """Run outputs (new ids, new text) through a locator and the parser: (text shown, calls)."""
     locator = MarkLocator(TOKENS, detokenize)
     parser = ToolCallStreamParser()
