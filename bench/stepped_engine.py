@@ -69,6 +69,11 @@ class SteppedEngine:
                 running.due += 1
                 running.wake.set()
 
+    def resumed_output(self, request: EngineRequest) -> EngineOutput:
+        """The text of the tokens a resumed request already streamed (no tool calls: no marks)."""
+        ids = tuple(request.resume_token_ids)
+        return EngineOutput(text="".join(f" w{i}" for i in ids), token_ids=ids, prompt_tokens=0)
+
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         sampling = request.chat.sampling
         total = sampling.max_tokens if sampling.HasField("max_tokens") else self.default_tokens
