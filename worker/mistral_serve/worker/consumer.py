@@ -52,7 +52,7 @@ class Consumer:
         block_ms: int,
         lease_ms: int = 3000,
         max_attempts: int = 3,
-        fair_quantum_tokens: int = 4096,
+        fair_quantum_tokens: int = 512,
     ) -> None:
         self._redis = client
         self._engine = engine

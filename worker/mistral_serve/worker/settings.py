@@ -37,9 +37,11 @@ class WorkerSettings(SharedSettings):
     restart_check_interval_s: float = 0.5
     # How long an idle worker waits for an admission before it looks at the queue again.
     block_ms: int = 1000
-    # Fair queueing within a band: the tokens a caller of weight 1 may be served per turn of the
-    # band's callers (deficit round robin, fair_queue.py). Larger: longer runs of one caller.
-    fair_quantum_tokens: int = 4096
+    # Fair queueing within a band: the tokens a caller of weight 1 is credited per turn of the band's
+    # callers (deficit round robin, fair_queue.py). A caller may run ahead of another by about a
+    # quantum plus one request; smaller interleaves callers finer, and costs a take one pass over the
+    # band's waiting callers whenever a request costs more than a quantum.
+    fair_quantum_tokens: int = 512
     # "vllm", or "package.module:factory" for a callable returning an Engine.
     engine: str = "vllm"
     # The worker's own metrics port, beside a frontend's on the same host.
