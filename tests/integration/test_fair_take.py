@@ -17,9 +17,16 @@ import redis.asyncio as aioredis
 
 from mistral_serve.common import keys
 from mistral_serve.common.fair_queue import FairTake
+from mistral_serve.common.telemetry import get_tracer
 from mistral_serve.frontend.queue import RequestQueue
 from mistral_serve.queue.v1 import queue_pb2
+from mistral_serve.worker.consumer import Consumer
+from mistral_serve.worker.events import EventWriter
+from mistral_serve.worker.metrics import WorkerMetrics
+from mistral_serve.worker.tracing import WorkerTelemetry
 from tests.support.requests import chat
+from tests.support.scripted_engine import ScriptedEngine
+from tests.support.waiting import until_async
 
 QUANTUM = 100
 
@@ -181,3 +188,31 @@ async def test_nothing_waiting_answers_the_wake_id_an_idle_worker_blocks_from(po
     await pool.admit("a", "a2", 1)
     woken = await asyncio.wait_for(pool.client.xread({taker.wake_stream: wake_id}, block=60_000), 10)
     assert woken
+
+
+async def test_an_idle_worker_blocked_on_the_wake_stream_takes_an_admission_at_once(pool: Pool) -> None:
+    writer = EventWriter(pool.client, pool=pool.name, ttl_s=60, interval_s=0.01, max_events=8)
+    telemetry = WorkerTelemetry(get_tracer(), WorkerMetrics("m"))
+    # A block far longer than the wait below: only the admission's wake entry can end it in time.
+    consumer = Consumer(
+        pool.client,
+        ScriptedEngine(),
+        writer,
+        telemetry,
+        pool=pool.name,
+        consumer_name="c",
+        max_inflight=4,
+        block_ms=600_000,
+    )
+    reading = asyncio.create_task(consumer.read_new(4))
+
+    async def blocked() -> bool:
+        return any(client.get("cmd") == "xread" for client in await pool.client.client_list())
+
+    try:
+        await until_async(blocked, timeout_s=10)
+        await pool.admit("a", "a1", 1)
+        assert await asyncio.wait_for(reading, timeout=30) == 1
+    finally:
+        reading.cancel()
+        await consumer.drain(0)
