@@ -74,9 +74,13 @@ async def _until_queue_empty(redis_port: int, timeout_s: float = 60.0) -> None:
     client = aioredis.Redis(port=redis_port)
     try:
         for _ in range(int(timeout_s / 0.1)):
-            waiting = sum([int(await client.llen(key)) for key in keys.waiting_counts("default")])
-            running = sum([int(await client.xlen(key)) for key in keys.request_streams("default")])
-            if waiting + running == 0:
+            async with client.pipeline(transaction=False) as pipe:
+                for key in keys.waiting_counts("default"):
+                    pipe.llen(key)
+                for key in keys.request_streams("default"):
+                    pipe.xlen(key)
+                lengths = await pipe.execute()
+            if sum(int(n) for n in lengths) == 0:  # waiting plus running
                 return
             await asyncio.sleep(0.1)
         raise SystemExit("the queue did not empty between cases")
@@ -155,7 +159,8 @@ def main() -> None:
         f"{args.tokens} tokens each; one worker, {args.slots} slots at {args.rate:g} tokens/s a stream "
         f"(serves ~{capacity:.0f} requests/s), so the noisy caller's backlog grows for the "
         f"{args.duration:g} s of each case. A request costs its {args.tokens} max_tokens (no tokenizer: "
-        f"prompts count 0); quantum {args.quantum} tokens. TTFT is the wait in the queue plus the first token."
+        f"prompts count 0); quantum {args.quantum} tokens. TTFT is the wait in the queue plus the first "
+        "token."
     )
     table = markdown_table(TABLE_HEADERS, table_rows(rows))
     print(f"\n{notes}\n\n{table}\n")

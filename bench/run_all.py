@@ -1,5 +1,6 @@
-"""`make bench`: benchmarks 1-3 and 5 (overhead, against vllm serve, scaling, fairness), each printing its table and
-writing JSON + PNG under bench/results/; then the tables go into bench/README.md between its markers.
+"""`make bench`: benchmarks 1-3 and 5 (overhead, against vllm serve, scaling, fairness), each printing
+its table and writing JSON (+ PNG) under bench/results/; then the tables go into bench/README.md between
+its markers.
 
 The stack runs from a snapshot of a commit (default HEAD, with its protobuf code generated), so that
 edits others make to the working tree meanwhile neither break nor bend a run; `--working-tree` runs

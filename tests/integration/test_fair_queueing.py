@@ -134,5 +134,5 @@ async def test_admission_refuses_a_weight_that_is_not_above_zero(redis_url: str)
     for weight in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="weight"):
             await queue.admit(queued("w", "x"), owner="x", weight=weight)
-    assert await client.llen(keys.waiting_count("default", keys.NORMAL)) == 0
+    assert await client.llen(keys.waiting_count("default", keys.NORMAL)) == 0  # type: ignore[misc]
     await client.aclose()

@@ -186,6 +186,7 @@ async def test_nothing_waiting_answers_the_wake_id_an_idle_worker_blocks_from(po
     assert wake_id == last[0][0]
     # An admission after the empty take is seen by a read from that id, however late it starts.
     await pool.admit("a", "a2", 1)
+    assert wake_id is not None
     woken = await asyncio.wait_for(pool.client.xread({taker.wake_stream: wake_id}, block=60_000), 10)
     assert woken
 
