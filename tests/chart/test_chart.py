@@ -31,6 +31,7 @@ import yaml
 from mistral_serve.common import keys
 from mistral_serve.common.telemetry import OTLP_PROTOCOLS
 from mistral_serve.frontend.settings import FrontendSettings
+from mistral_serve.worker.settings import WorkerSettings
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "mistral-serve"
 EXAMPLES = sorted((CHART_DIR / "examples").glob("*-values.yaml"))
@@ -700,12 +701,19 @@ def test_event_retention_is_the_same_for_both_processes(chart: helm.Chart) -> No
 
 
 def test_reattach_grace_and_worker_lease_reach_the_processes(chart: helm.Chart) -> None:
-    objects = render(chart, {"detachGraceSeconds": 45, "worker": {"leaseMilliseconds": 8000}})
+    objects = render(
+        chart, {"detachGraceSeconds": 45, "worker": {"leaseMilliseconds": 8000, "fairQuantumTokens": 2048}}
+    )
     assert env_value(frontend(objects), "MISTRAL_SERVE_DETACH_GRACE_S") == "45"
     assert env_value(worker(objects), "MISTRAL_SERVE_LEASE_MS") == "8000"
+    assert env_value(worker(objects), "MISTRAL_SERVE_FAIR_QUANTUM_TOKENS") == "2048"
     defaults = render(chart, {})
     assert env_value(frontend(defaults), "MISTRAL_SERVE_DETACH_GRACE_S") == "30"
     assert env_value(worker(defaults), "MISTRAL_SERVE_LEASE_MS") == "3000"
+    # The chart's default is the worker's own (a value nobody set means the same in and out of Kubernetes).
+    assert env_value(worker(defaults), "MISTRAL_SERVE_FAIR_QUANTUM_TOKENS") == str(
+        WorkerSettings.fair_quantum_tokens
+    )
 
 
 # --- scaling and disruption ---------------------------------------------------------------------
