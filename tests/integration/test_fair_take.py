@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as aioredis
 
-from mistral_serve.common import keys
+from mistral_serve.common import fair_queue, keys
 from mistral_serve.common.fair_queue import FairTake
 from mistral_serve.common.telemetry import get_tracer
 from mistral_serve.frontend.queue import RequestQueue
@@ -161,6 +161,17 @@ async def test_a_band_left_empty_keeps_no_deficit_no_weight_and_no_count(pool: P
     # Taken entries are pending for this consumer in the band stream, leased as before.
     pending = await pool.client.xpending(keys.request_stream(pool.name), keys.WORKER_GROUP)
     assert pending["pending"] == 3 and pending["consumers"][0]["name"] == b"c"
+
+
+async def test_the_waiting_count_holds_the_admission_times_of_what_still_waits(pool: Pool) -> None:
+    taker = pool.taker()
+    await pool.admit("a", "a-old", 10_000)
+    first = await pool.client.lindex(keys.waiting_count(pool.name, keys.NORMAL), 0)
+    await pool.admit("b", "b-new", 1)
+    assert await taken_ids(taker, 1) == ["b-new"]  # taken out of admission order
+    waiting = await pool.client.lrange(keys.waiting_count(pool.name, keys.NORMAL), 0, -1)
+    assert waiting == [first]  # the oldest waiting request's time, for the queue-wait gauge
+    assert abs(fair_queue.waiting_since(first) - time.time()) < 60
 
 
 async def test_higher_bands_are_emptied_before_any_deficit_of_a_lower_one_counts(pool: Pool) -> None:

@@ -1,7 +1,8 @@
 """Fair queueing within a priority band: the Redis layout of waiting requests and its two scripts.
 
 A waiting request is not in the band's stream. It waits in its caller's LIST (`keys.caller_queue`),
-each element its cost in tokens (4 bytes, big-endian) and the serialized QueuedRequest. Per band a
+each element its cost in tokens (4 bytes, big-endian), its admission time (Unix milliseconds, 13
+decimal digits) and the serialized QueuedRequest. Per band a
 ring LIST holds the callers with work waiting, a HASH their deficits and a HASH their weights. A
 caller is in the ring exactly while its list is not empty; it joins at the tail and leaves with its
 deficit (classic deficit round robin: an idle caller hoards no credit).
@@ -13,9 +14,12 @@ deficit covers the cost of its head request; otherwise it gets its quantum (weig
 this worker's consumer group in the same script, so from then on it is pending and leased exactly as
 before (leases, takeover, resume, drain and ack work on the stream).
 
-Each band also keeps a LIST with one element per waiting request (`keys.waiting_count`): admission
-bounds waiting + running with its length, and KEDA's `redis` scaler reads a list's length (LLEN),
-not a hash field or a counter, so a list is what lets a pool scaled to zero wake for waiting work.
+Each band also keeps a LIST with one element per waiting request (`keys.waiting_count`), its
+admission time, in admission order: admission bounds waiting + running with its length, and KEDA's
+`redis` scaler reads a list's length (LLEN), not a hash field or a counter, so a list is what lets a
+pool scaled to zero wake for waiting work. A take removes the taken request's own time (LREM, from the
+head, where the old ones are), so the head is the oldest waiting request's: the queue-wait gauge
+reads one short element, never a request.
 
 Every key carries the pool's hash tag; the take script reaches the callers' lists by name (built from
 `keys.caller_queue_prefix`), which Redis Cluster allows because they live in the slot of its keys.
@@ -33,20 +37,33 @@ from mistral_serve.common import keys
 
 _COST = struct.Struct(">I")
 MAX_COST = 2**32 - 1
+_ADMITTED_DIGITS = 13  # Unix milliseconds, until the year 2286
+
+
+def _with_layout(lua: str) -> str:
+    """`lua` with the element layout filled in: where the admission time and the request begin
+    (Lua strings count from 1), and the stream entry's field."""
+    first = _COST.size + 1
+    return (
+        lua.replace("@ADMITTED@", f"{first}, {first + _ADMITTED_DIGITS - 1}")
+        .replace("@REQUEST@", str(first + _ADMITTED_DIGITS))
+        .replace("@REQUEST_FIELD@", keys.REQUEST_FIELD)
+    )
 
 # Queue one request: KEYS the caller's list, the band's ring, weights and waiting count, the pool's
 # work-wake stream; ARGV the caller, its weight, the entry, the wake stream's MAXLEN. The wake entry
 # breaks the XREAD of idle workers. A joining caller has no deficit yet: TAKE starts it at one quantum.
-ENQUEUE = """
+_ENQUEUE = """
 local function fair_enqueue(list, ring, weights, waiting, work_wake, caller, weight, entry, wake_maxlen)
   if redis.call('RPUSH', list, entry) == 1 then
     redis.call('RPUSH', ring, caller)
   end
   redis.call('HSET', weights, caller, weight)
-  redis.call('RPUSH', waiting, '1')
+  redis.call('RPUSH', waiting, string.sub(entry, @ADMITTED@))
   redis.call('XADD', work_wake, 'MAXLEN', '~', wake_maxlen, '*', 'w', '1')
 end
 """
+ENQUEUE = _with_layout(_ENQUEUE)
 
 # KEYS: per band, highest first, its stream, ring, deficits, weights and waiting count; last the
 # work-wake stream. ARGV: group, consumer, count, quantum tokens, then each band's caller-list prefix.
@@ -60,6 +77,10 @@ local bands = (#KEYS - 1) / 5
 
 local function cost_of(entry)
   return (struct.unpack('>I4', entry))
+end
+
+local function admitted_of(entry)
+  return string.sub(entry, @ADMITTED@)
 end
 
 local function quantum_of(weights, caller)
@@ -100,7 +121,7 @@ local function skip_turns(ring, deficits, weights, prefix)
   end
 end
 
-local function take_band(stream, ring, deficits, weights, prefix, want)
+local function take_band(stream, ring, deficits, weights, waiting, prefix, want)
   local taken, misses = 0, 0
   while taken < want do
     local caller = redis.call('LINDEX', ring, 0)
@@ -117,7 +138,8 @@ local function take_band(stream, ring, deficits, weights, prefix, want)
       local cost = cost_of(head)
       if d >= cost then
         redis.call('LPOP', list)
-        redis.call('XADD', stream, '*', '@REQUEST_FIELD@', string.sub(head, 5))
+        redis.call('XADD', stream, '*', '@REQUEST_FIELD@', string.sub(head, @REQUEST@))
+        redis.call('LREM', waiting, 1, admitted_of(head))
         taken, misses = taken + 1, 0
         if redis.call('LLEN', list) == 0 then
           redis.call('LPOP', ring)
@@ -160,9 +182,8 @@ for b = 0, bands - 1 do
   local entries = read_new(stream, left)
   left = left - #entries
   if left > 0 then
-    local taken = take_band(stream, ring, deficits, weights, ARGV[5 + b], left)
+    local taken = take_band(stream, ring, deficits, weights, waiting, ARGV[5 + b], left)
     if taken > 0 then
-      redis.call('LPOP', waiting, taken)
       for _, entry in ipairs(read_new(stream, taken)) do
         table.insert(entries, entry)
       end
@@ -179,23 +200,21 @@ if #result == 1 then
 end
 return result
 """
-TAKE = _TAKE.replace("@REQUEST_FIELD@", keys.REQUEST_FIELD)
+TAKE = _with_layout(_TAKE)
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 
-def pack_entry(cost_tokens: int, queued: bytes) -> bytes:
-    """A caller-list element: the request's cost (at least 1, so every request spends deficit) and
-    the serialized QueuedRequest."""
-    return _COST.pack(min(max(cost_tokens, 1), MAX_COST)) + queued
+def pack_entry(cost_tokens: int, admitted_unix: float, queued: bytes) -> bytes:
+    """A caller-list element: the request's cost (at least 1, so every request spends deficit), its
+    admission time and the serialized QueuedRequest."""
+    admitted = b"%0*d" % (_ADMITTED_DIGITS, round(admitted_unix * 1000))
+    return _COST.pack(min(max(cost_tokens, 1), MAX_COST)) + admitted + queued
 
 
-def entry_cost(entry: bytes) -> int:
-    return int(_COST.unpack_from(entry)[0])
-
-
-def entry_request(entry: bytes) -> bytes:
-    return entry[_COST.size :]
+def waiting_since(element: bytes) -> float:
+    """The admission time (Unix seconds) a waiting-count element holds."""
+    return int(element) / 1000
 
 
 def enqueue_keys(pool: str, band: str, caller: str) -> list[str]:

@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
 
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
 from mistral_serve.common import fair_queue, keys
-from mistral_serve.queue.v1 import queue_pb2
 
 log = logging.getLogger(__name__)
 
@@ -98,36 +96,15 @@ async def sample_queue(client: redis.Redis, metrics: FrontendMetrics, interval_s
         await asyncio.sleep(interval_s)
 
 
-# Callers of a band whose oldest waiting request the sampler reads: the ring's first ones.
-OLDEST_SAMPLED_CALLERS = 64
-
-
 async def _sample_once(client: redis.Redis, metrics: FrontendMetrics) -> None:
     now = time.time()
     for band in keys.BANDS:
         async with client.pipeline(transaction=False) as pipe:
             pipe.xlen(keys.request_stream(metrics.pool, band))
             pipe.llen(keys.waiting_count(metrics.pool, band))
-            pipe.lrange(keys.fair_ring(metrics.pool, band), 0, OLDEST_SAMPLED_CALLERS - 1)
-            running, waiting, callers = await pipe.execute()
-        oldest = 0.0
-        if callers:
-            async with client.pipeline(transaction=False) as pipe:
-                for caller in callers:
-                    pipe.lindex(keys.caller_queue(metrics.pool, band, _as_bytes(caller).decode()), 0)
-                heads = await pipe.execute()
-            admitted = [_admitted_unix(head) for head in heads if head]
-            if admitted:
-                oldest = max(now - min(admitted), 0.0)
+            pipe.lindex(keys.waiting_count(metrics.pool, band), 0)  # the oldest waiting request's time
+            running, waiting, oldest = await pipe.execute()
+        wait = 0.0 if oldest is None else max(now - fair_queue.waiting_since(oldest), 0.0)
         metrics.queue_depth.labels(metrics.pool, band).set(int(running) + int(waiting))
         metrics.queue_lag.labels(metrics.pool, band).set(int(waiting))
-        metrics.queue_oldest_wait.labels(metrics.pool, band).set(oldest)
-
-
-def _admitted_unix(entry: bytes) -> float:
-    """When the request of a caller-list element was admitted (a caller's head is its oldest)."""
-    return queue_pb2.QueuedRequest.FromString(fair_queue.entry_request(entry)).admitted_unix
-
-
-def _as_bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
+        metrics.queue_oldest_wait.labels(metrics.pool, band).set(wait)

@@ -109,7 +109,7 @@ class RequestQueue:
         ]
         args: list[bytes | str | int | float] = [
             bound,
-            fair_queue.pack_entry(queued.cost_tokens, queued.SerializeToString()),
+            fair_queue.pack_entry(queued.cost_tokens, queued.admitted_unix, queued.SerializeToString()),
             owner,
             owner_ttl_s,
             self._detach_grace_ms,
