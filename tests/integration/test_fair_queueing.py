@@ -128,10 +128,10 @@ async def test_weights_3_to_1_share_the_dispatches_3_to_1(stack: Stack) -> None:
     assert abs(window["heavy"] / window["light"] - 3.0) <= 0.3, window
 
 
-async def test_admission_refuses_a_weight_that_is_not_above_zero(redis_url: str) -> None:
+async def test_admission_refuses_a_weight_out_of_its_bounds(redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     queue = admission(client)
-    for weight in (0.0, -1.0, float("nan")):
+    for weight in (0.0, -1.0, float("nan"), float("inf"), 1e-9, 1e6):
         with pytest.raises(ValueError, match="weight"):
             await queue.admit(queued("w", "x"), owner="x", weight=weight)
     assert await client.llen(keys.waiting_count("default", keys.NORMAL)) == 0  # type: ignore[misc]

@@ -38,6 +38,9 @@ from mistral_serve.common import keys
 _COST = struct.Struct(">I")
 MAX_COST = 2**32 - 1
 _ADMITTED_DIGITS = 13  # Unix milliseconds, until the year 2286
+# A caller's weight multiplies its quantum. Bounded so that the turns a take skips stay finite numbers
+# and no caller's credit is endless.
+MIN_WEIGHT, MAX_WEIGHT = 0.001, 1000.0
 
 
 def _with_layout(lua: str) -> str:

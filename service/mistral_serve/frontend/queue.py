@@ -91,8 +91,11 @@ class RequestQueue:
         `owner` (the caller's identity) alone may reattach to or cancel it, for as long as its events
         are kept: until its deadline plus the event retention.
         """
-        if not weight > 0:
-            raise ValueError(f"a caller's weight must be above 0, not {weight}")
+        if not fair_queue.MIN_WEIGHT <= weight <= fair_queue.MAX_WEIGHT:
+            raise ValueError(
+                f"a caller's weight must be from {fair_queue.MIN_WEIGHT} to {fair_queue.MAX_WEIGHT}, "
+                f"not {weight}"
+            )
         band = keys.band_of(queued.request.priority)
         bound = admission_bound(self._max_backlog, band)
         owner_ttl_s = max(1, int(queued.deadline_unix - queued.admitted_unix) + self._cancel_ttl_s)
