@@ -181,8 +181,10 @@ def summarize(outcomes: list[Outcome], window_s: float, tokens: int) -> dict[str
     }
 
 
-def grpc_streamer(channels: list[grpc.aio.Channel]) -> Streamer:
-    """Streams over ChatStream, the channels taken in turn; every call carries its deadline."""
+def grpc_streamer(channels: list[grpc.aio.Channel], *, api_key: str | None = None) -> Streamer:
+    """Streams over ChatStream, the channels taken in turn; every call carries its deadline (and
+    `api_key` as its bearer token, when given)."""
+    metadata = None if api_key is None else (("authorization", f"Bearer {api_key}"),)
     stubs = [chat_pb2_grpc.ChatServiceStub(channel) for channel in channels]
     turn = 0
 
@@ -190,7 +192,9 @@ def grpc_streamer(channels: list[grpc.aio.Channel]) -> Streamer:
         nonlocal turn
         stub = stubs[turn % len(stubs)]
         turn += 1
-        call = stub.ChatStream(chat_pb2.ChatStreamRequest(request=request), timeout=deadline_s)
+        call = stub.ChatStream(
+            chat_pb2.ChatStreamRequest(request=request), timeout=deadline_s, metadata=metadata
+        )
         try:
             async for event in call:
                 kind = event.WhichOneof("event")

@@ -1,11 +1,12 @@
-"""`make bench`: benchmarks 1-3 (overhead, against vllm serve, scaling), each printing its table and
-writing JSON + PNG under bench/results/; then the tables go into bench/README.md between its markers.
+"""`make bench`: benchmarks 1-3 and 5 (overhead, against vllm serve, scaling, fairness), each printing
+its table and writing JSON (+ PNG) under bench/results/; then the tables go into bench/README.md between
+its markers.
 
 The stack runs from a snapshot of a commit (default HEAD, with its protobuf code generated), so that
 edits others make to the working tree meanwhile neither break nor bend a run; `--working-tree` runs
 the checkout as it is. Each benchmark has a time limit; the whole run stays under 15 minutes.
 
-    .venv/bin/python bench/run_all.py [--repeat 2] [--only overhead vs_vllm scaling] [--rev HEAD]
+    .venv/bin/python bench/run_all.py [--repeat 2] [--only overhead vs_vllm scaling fairness] [--rev HEAD]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "overhead": ("bench/overhead.py", 150),
     "vs_vllm": ("bench/vs_vllm.py", 360),
     "scaling": ("bench/scaling.py", 150),
+    "fairness": ("bench/fairness.py", 120),
 }
 
 

@@ -31,6 +31,7 @@ import yaml
 from mistral_serve.common import keys
 from mistral_serve.common.telemetry import OTLP_PROTOCOLS
 from mistral_serve.frontend.settings import FrontendSettings
+from mistral_serve.worker.settings import WorkerSettings
 
 CHART_DIR = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "mistral-serve"
 EXAMPLES = sorted((CHART_DIR / "examples").glob("*-values.yaml"))
@@ -73,6 +74,7 @@ TOGGLES: dict[str, Values] = {
     },
     "keda-internal-redis": {"keda": {"enabled": True}},
     "keda-lag-scale-to-zero": {"keda": {"enabled": True, "trigger": "lagCount", "minReplicaCount": 0}},
+    "keda-pending-scale-to-zero": {"keda": {"enabled": True, "minReplicaCount": 0}},
     "keda-external-redis": {**EXTERNAL_REDIS, "keda": {"enabled": True, "trigger": "streamLength"}},
     "observability": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
@@ -700,10 +702,15 @@ def test_keda_watches_every_band_stream_that_the_code_uses(chart: helm.Chart, po
     assert env_value(frontend(objects), "MISTRAL_SERVE_POOL") == pool
     assert env_value(worker(objects), "MISTRAL_SERVE_POOL") == pool
     triggers = one(objects, "ScaledObject", f"{FULLNAME}-worker")["spec"]["triggers"]
+    streams = [t for t in triggers if t["type"] == "redis-streams"]
+    waiting = [t for t in triggers if t["type"] == "redis"]
+    assert len(triggers) == len(streams) + len(waiting)
     # The names come from keys.py, the code's one home for them, so chart and code cannot drift.
-    assert [t["metadata"]["stream"] for t in triggers] == keys.request_streams(pool)
-    assert [t["name"] for t in triggers] == [f"requests-{band}" for band in keys.BANDS]
-    assert len({t["metadata"]["consumerGroup"] for t in triggers} | {keys.WORKER_GROUP}) == 1
+    assert [t["metadata"]["stream"] for t in streams] == keys.request_streams(pool)
+    assert [t["name"] for t in streams] == [f"requests-{band}" for band in keys.BANDS]
+    assert len({t["metadata"]["consumerGroup"] for t in streams} | {keys.WORKER_GROUP}) == 1
+    assert [t["metadata"]["listName"] for t in waiting] == keys.waiting_counts(pool)
+    assert [t["name"] for t in waiting] == [f"waiting-{band}" for band in keys.BANDS]
 
 
 def test_event_retention_is_the_same_for_both_processes(chart: helm.Chart) -> None:
@@ -713,12 +720,19 @@ def test_event_retention_is_the_same_for_both_processes(chart: helm.Chart) -> No
 
 
 def test_reattach_grace_and_worker_lease_reach_the_processes(chart: helm.Chart) -> None:
-    objects = render(chart, {"detachGraceSeconds": 45, "worker": {"leaseMilliseconds": 8000}})
+    objects = render(
+        chart, {"detachGraceSeconds": 45, "worker": {"leaseMilliseconds": 8000, "fairQuantumTokens": 2048}}
+    )
     assert env_value(frontend(objects), "MISTRAL_SERVE_DETACH_GRACE_S") == "45"
     assert env_value(worker(objects), "MISTRAL_SERVE_LEASE_MS") == "8000"
+    assert env_value(worker(objects), "MISTRAL_SERVE_FAIR_QUANTUM_TOKENS") == "2048"
     defaults = render(chart, {})
     assert env_value(frontend(defaults), "MISTRAL_SERVE_DETACH_GRACE_S") == "30"
     assert env_value(worker(defaults), "MISTRAL_SERVE_LEASE_MS") == "3000"
+    # The chart's default is the worker's own (a value nobody set means the same in and out of Kubernetes).
+    assert env_value(worker(defaults), "MISTRAL_SERVE_FAIR_QUANTUM_TOKENS") == str(
+        WorkerSettings.fair_quantum_tokens
+    )
 
 
 # --- scaling and disruption ---------------------------------------------------------------------
@@ -755,15 +769,17 @@ def test_keda_scales_workers_on_the_request_stream(chart: helm.Chart) -> None:
     assert scaled["spec"]["scaleTargetRef"]["name"] == f"{FULLNAME}-worker"
     assert scaled["spec"]["minReplicaCount"] >= 1
     triggers = scaled["spec"]["triggers"]
-    assert len(triggers) == len(keys.BANDS)
+    assert len(triggers) == 2 * len(keys.BANDS)
     for trigger in triggers:
-        assert trigger["type"] == "redis-streams"
         meta = trigger["metadata"]
         assert meta["address"] == f"{FULLNAME}-redis.{NAMESPACE}.svc:6379"
-        assert meta["consumerGroup"] == keys.WORKER_GROUP
-        assert int(meta["pendingEntriesCount"]) < int(
-            env_value(worker(objects), "MISTRAL_SERVE_WORKER_MAX_INFLIGHT")
-        )
+        if trigger["type"] == "redis-streams":
+            assert meta["consumerGroup"] == keys.WORKER_GROUP
+            assert int(meta["pendingEntriesCount"]) < int(
+                env_value(worker(objects), "MISTRAL_SERVE_WORKER_MAX_INFLIGHT")
+            )
+        else:
+            assert trigger["type"] == "redis" and meta["listLength"] == "16"
         assert all(isinstance(v, str) for v in meta.values())
         # The in-chart Redis has a password, which KEDA reads from the same Secret as the processes.
         auth = one(objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
@@ -772,11 +788,13 @@ def test_keda_scales_workers_on_the_request_stream(chart: helm.Chart) -> None:
     ]
 
 
-def test_keda_lag_count_wakes_a_pool_at_zero_for_every_band(chart: helm.Chart) -> None:
-    scaled = one(render(chart, TOGGLES["keda-lag-scale-to-zero"]), "ScaledObject", f"{FULLNAME}-worker")
+@pytest.mark.parametrize("toggle", ["keda-lag-scale-to-zero", "keda-pending-scale-to-zero"])
+def test_keda_waiting_lists_wake_a_pool_at_zero_for_every_band(chart: helm.Chart, toggle: str) -> None:
+    scaled = one(render(chart, TOGGLES[toggle]), "ScaledObject", f"{FULLNAME}-worker")
     assert scaled["spec"]["minReplicaCount"] == 0
-    streams = {t["metadata"]["stream"] for t in scaled["spec"]["triggers"] if "lagCount" in t["metadata"]}
-    assert streams == set(keys.request_streams("default"))
+    # Waiting requests are in the fair queue's lists, not the streams: their lengths wake the pool.
+    lists = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"}
+    assert lists == set(keys.waiting_counts("default"))
 
 
 def test_keda_authenticates_to_external_redis_from_secrets(chart: helm.Chart) -> None:
@@ -807,7 +825,6 @@ def test_keda_defaults_port_of_an_external_url_without_one(chart: helm.Chart) ->
     ("keda", "message"),
     [
         ({"target": 64}, "below worker.maxInflight"),
-        ({"minReplicaCount": 0}, "lagCount"),
         ({"minReplicaCount": 5, "maxReplicaCount": 2}, "maxReplicaCount"),
     ],
 )

@@ -206,7 +206,10 @@ async def test_get_model_info_says_whether_the_default_system_prompt_is_added(
 
 
 def backlog(stack: Stack) -> int:
-    return int(redis.Redis.from_url(stack.redis_url).xlen(keys.request_stream("default")))  # type: ignore[arg-type]
+    """The normal band's requests waiting (in the fair queue) plus running (in the stream)."""
+    client = redis.Redis.from_url(stack.redis_url)
+    waiting = int(client.llen(keys.waiting_count("default", keys.NORMAL)))  # type: ignore[arg-type]
+    return waiting + int(client.xlen(keys.request_stream("default")))  # type: ignore[arg-type]
 
 
 async def _collect(stream: AsyncIterator[chat_pb2.ChatEvent]) -> list[chat_pb2.ChatEvent]:

@@ -54,6 +54,47 @@ def request_streams(pool: str) -> list[str]:
     return [request_stream(pool, band) for band in BANDS]
 
 
+def waiting_count(pool: str, band: str) -> str:
+    """A LIST with one element per request of the band waiting for a worker (fair_queue.py): what
+    admission bounds beside the running ones, and what the autoscaler reads (LLEN)."""
+    return _pool_key(pool, "waiting", band)
+
+
+def waiting_counts(pool: str) -> list[str]:
+    """All of a pool's waiting counts, highest band first."""
+    return [waiting_count(pool, band) for band in BANDS]
+
+
+def caller_queue_prefix(pool: str, band: str) -> str:
+    """The name of a caller's LIST of waiting requests in a band, less the caller's name (the take
+    script finds the callers' lists from the ring, so it builds the names from this prefix)."""
+    return _pool_key(pool, "fair", band, "caller") + ":"
+
+
+def caller_queue(pool: str, band: str, caller: str) -> str:
+    return caller_queue_prefix(pool, band) + caller
+
+
+def fair_ring(pool: str, band: str) -> str:
+    """A LIST of the callers with requests waiting in a band, in round-robin order."""
+    return _pool_key(pool, "fair", band, "ring")
+
+
+def fair_deficits(pool: str, band: str) -> str:
+    """A HASH of each ring caller's deficit in a band: the tokens it may still be served this turn."""
+    return _pool_key(pool, "fair", band, "deficits")
+
+
+def fair_weights(pool: str, band: str) -> str:
+    """A HASH of each ring caller's weight in a band (set at admission): its quantum's multiplier."""
+    return _pool_key(pool, "fair", band, "weights")
+
+
+def work_wake_stream(pool: str) -> str:
+    """Written on each admission so that idle workers, blocked on it, take the new request."""
+    return _pool_key(pool, "work", "wake")
+
+
 def cancel_channel(pool: str) -> str:
     """Pub/sub channel on which frontends announce cancelled request ids to the pool's workers."""
     return _pool_key(pool, "cancel")

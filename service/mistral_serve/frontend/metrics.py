@@ -8,16 +8,14 @@ serves it together with the process-wide default registry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from typing import Any
 
 import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from mistral_serve.common import keys
+from mistral_serve.common import fair_queue, keys
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +65,13 @@ class FrontendMetrics:
         )
         self.queue_depth = Gauge(
             "mistral_serve_queue_depth",
-            "Requests in the pool's band stream: waiting plus running (what admission bounds).",
+            "Requests of the pool's band waiting or running (what admission bounds).",
             ["pool", "band"],
             registry=r,
         )
         self.queue_lag = Gauge(
             "mistral_serve_queue_lag",
-            "Requests no worker has claimed yet (the consumer group's lag).",
+            "Requests of the band waiting for a worker (in its callers' fair-queue lists).",
             ["pool", "band"],
             registry=r,
         )
@@ -99,34 +97,14 @@ async def sample_queue(client: redis.Redis, metrics: FrontendMetrics, interval_s
 
 
 async def _sample_once(client: redis.Redis, metrics: FrontendMetrics) -> None:
-    now_ms = time.time() * 1000
+    now = time.time()
     for band in keys.BANDS:
-        stream = keys.request_stream(metrics.pool, band)
-        depth = int(await client.xlen(stream))
-        lag, next_id = depth, b"-"
-        with contextlib.suppress(ResponseError):  # no such stream or group yet: all of it waits
-            group = _group_info(await client.xinfo_groups(stream))
-            if group is not None:
-                # Workers delete entries once acked, so the stream is the claimed (pending) entries
-                # plus the unclaimed ones. (Redis's own `lag` turns null once entries are deleted.)
-                lag = max(depth - int(group.get("pending", 0)), 0)
-                next_id = b"(" + _as_bytes(group.get("last-delivered-id", b"0-0"))
-        oldest = 0.0
-        if lag > 0:
-            first = await client.xrange(stream, min=next_id, count=1)
-            if first:
-                oldest = max(now_ms - int(_as_bytes(first[0][0]).split(b"-")[0]), 0.0) / 1000
-        metrics.queue_depth.labels(metrics.pool, band).set(depth)
-        metrics.queue_lag.labels(metrics.pool, band).set(lag)
-        metrics.queue_oldest_wait.labels(metrics.pool, band).set(oldest)
-
-
-def _group_info(groups: list[dict[str, Any]]) -> dict[str, Any] | None:
-    for group in groups:
-        if _as_bytes(group.get("name", b"")) == keys.WORKER_GROUP.encode():
-            return group
-    return None
-
-
-def _as_bytes(value: Any) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.request_stream(metrics.pool, band))
+            pipe.llen(keys.waiting_count(metrics.pool, band))
+            pipe.lindex(keys.waiting_count(metrics.pool, band), 0)  # the oldest waiting request's time
+            running, waiting, oldest = await pipe.execute()
+        wait = 0.0 if oldest is None else max(now - fair_queue.waiting_since(oldest), 0.0)
+        metrics.queue_depth.labels(metrics.pool, band).set(int(running) + int(waiting))
+        metrics.queue_lag.labels(metrics.pool, band).set(int(waiting))
+        metrics.queue_oldest_wait.labels(metrics.pool, band).set(wait)

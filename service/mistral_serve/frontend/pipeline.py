@@ -102,9 +102,12 @@ class ChatPipeline:
     async def _front_door(self, request: chat_pb2.ChatRequest) -> FrontDoorRequest:
         """Every check before a request may cost queue space: the request as it will be queued."""
         form = await self._request_form(request)
+        counted = chat_pb2.CountTokensResponse()  # without a tokenizer the prompt counts as 0 tokens
         if self._token_counter is not None:
             counted = await asyncio.to_thread(self._token_counter, form)
-            check_budget(counted, form.request, self._limits)
+        new_tokens = check_budget(counted, form.request, self._limits)
+        # What fair queueing weighs the request by (and quotas charge): all the tokens it may take.
+        form.queued.cost_tokens = counted.prompt_tokens + new_tokens
         return form
 
     async def _request_form(self, request: chat_pb2.ChatRequest) -> FrontDoorRequest:
@@ -136,6 +139,7 @@ class ChatPipeline:
         queued.deadline_unix = deadline
         queued.admitted_unix = time.time()
         queued.attempt = 1
+        queued.caller = queued.caller or caller
         sub = self._fanout.open(request_id, owner=Owner(caller, deadline + self._settings.event_ttl_s))
         try:
             await self._queue.admit(queued, owner=caller)

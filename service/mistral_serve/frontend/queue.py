@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import redis.asyncio as redis
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from redis.exceptions import RedisError
 
-from mistral_serve.common import keys
+from mistral_serve.common import fair_queue, keys
 from mistral_serve.common.logs import bind_request_id
 from mistral_serve.common.redis_client import ReplicaWait
 from mistral_serve.common.telemetry import get_tracer
@@ -20,22 +18,29 @@ from .errors import BackendUnavailable, QueueFull
 from .metrics import FrontendMetrics
 
 # Admission is one atomic step so that concurrent frontends never push the backlog past its bound.
-# The backlog is the length of the pool's band streams: workers delete entries once they are done
-# with them, so it counts waiting and running requests. KEYS: the band streams, the wake stream,
-# the stream to add to, the request's owner and attached keys. The wake entry breaks this
-# frontend's blocked event reader; the owner and attached keys are set with the entry, never after.
-_ADMIT = """
-local backlog = redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[2]) + redis.call('XLEN', KEYS[3])
+# The backlog is the pool's waiting requests (the bands' waiting counts, fair_queue.py) plus its
+# running ones (the band streams' lengths: workers delete entries once they are done with them).
+# KEYS: the band streams, the waiting counts, this frontend's wake stream, the request's owner and
+# attached keys, then `fair_queue.enqueue_keys`. The frontend wake entry breaks this frontend's
+# blocked event reader; the owner and attached keys are set with the entry, never after.
+_ADMIT = (
+    fair_queue.ENQUEUE
+    + """
+local backlog = 0
+for i = 1, 6 do
+  backlog = backlog + (i <= 3 and redis.call('XLEN', KEYS[i]) or redis.call('LLEN', KEYS[i]))
+end
 if backlog >= tonumber(ARGV[1]) then
   return false
 end
-local id = redis.call('XADD', KEYS[5], '*', ARGV[2], ARGV[3])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'w', '1')
-redis.call('EXPIRE', KEYS[4], 3600)
-redis.call('SET', KEYS[6], ARGV[4], 'EX', ARGV[5])
-redis.call('SET', KEYS[7], '1', 'PX', ARGV[6])
-return id
+fair_enqueue(KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], ARGV[7], ARGV[8], ARGV[2], ARGV[6])
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 'w', '1')
+redis.call('EXPIRE', KEYS[7], 3600)
+redis.call('SET', KEYS[8], ARGV[3], 'EX', ARGV[4])
+redis.call('SET', KEYS[9], '1', 'PX', ARGV[5])
+return backlog + 1
 """
+)
 
 
 def admission_bound(max_backlog: int, band: str) -> int:
@@ -67,6 +72,7 @@ class RequestQueue:
         self._redis = client
         self._pool = pool
         self._streams = keys.request_streams(pool)
+        self._waiting = keys.waiting_counts(pool)
         self._cancel_channel = keys.cancel_channel(pool)
         self._wake = keys.wake_stream(pool, frontend_id)
         self._max_backlog = max_backlog
@@ -77,52 +83,62 @@ class RequestQueue:
         self._tracer = tracer or get_tracer()
         self._metrics = metrics
 
-    async def admit(self, queued: queue_pb2.QueuedRequest, *, owner: str) -> None:
+    async def admit(self, queued: queue_pb2.QueuedRequest, *, owner: str, weight: float = 1.0) -> None:
         """Queue `queued` in its priority band, or raise QueueFull when the band's bound is reached.
 
+        It waits among the requests of its caller (`queued.caller`, else `owner`), served in turn
+        with the band's other callers in proportion to `weight`, by `queued.cost_tokens`.
         `owner` (the caller's identity) alone may reattach to or cancel it, for as long as its events
         are kept: until its deadline plus the event retention.
         """
+        if not fair_queue.MIN_WEIGHT <= weight <= fair_queue.MAX_WEIGHT:
+            raise ValueError(
+                f"a caller's weight must be from {fair_queue.MIN_WEIGHT} to {fair_queue.MAX_WEIGHT}, "
+                f"not {weight}"
+            )
         band = keys.band_of(queued.request.priority)
         bound = admission_bound(self._max_backlog, band)
         owner_ttl_s = max(1, int(queued.deadline_unix - queued.admitted_unix) + self._cancel_ttl_s)
         request_id = queued.request_id
+        caller = queued.caller or owner
         span = self._start_producer(queued, band)
         script_keys = [
             *self._streams,
+            *self._waiting,
             self._wake,
-            keys.request_stream(self._pool, band),
             keys.owner_key(self._pool, request_id),
             keys.attached_key(self._pool, request_id),
+            *fair_queue.enqueue_keys(self._pool, band, caller),
         ]
-        args: list[bytes | str | int] = [
+        args: list[bytes | str | int | float] = [
             bound,
-            keys.REQUEST_FIELD,
-            queued.SerializeToString(),
+            fair_queue.pack_entry(queued.cost_tokens, queued.admitted_unix, queued.SerializeToString()),
             owner,
             owner_ttl_s,
             self._detach_grace_ms,
             keys.WAKE_MAXLEN,
+            caller,
+            repr(float(weight)),
         ]
         try:
             if self._replica_wait.replicas <= 0:
                 # No pipeline without WAIT: a cluster client refuses scripts inside one.
-                entry_id = await self._admit(keys=script_keys, args=args)
+                position = await self._admit(keys=script_keys, args=args)
             else:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     await self._admit(client=pipe, keys=script_keys, args=args)
                     # Replicated before the caller learns the request id, so a failover cannot lose it.
                     self._replica_wait.add_to(pipe)
-                    entry_id, acked = await pipe.execute()
-                if entry_id is not None:
+                    position, acked = await pipe.execute()
+                if position is not None:
                     self._replica_wait.check(acked, f"admission of {request_id}")
         except RedisError as exc:
             self._end_producer(span, band, "unavailable", error=exc)
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
-        if entry_id is None:
+        if position is None:
             self._end_producer(span, band, "full")
             raise QueueFull(bound, self._retry_after_s)
-        self._end_producer(span, band, "admitted", entry_id=entry_id)
+        self._end_producer(span, band, "admitted")
 
     def _start_producer(self, queued: queue_pb2.QueuedRequest, band: str) -> Span:
         """The PRODUCER span of this admission, its context written into `queued` for the worker."""
@@ -143,13 +159,7 @@ class RequestQueue:
         inject_into(queued, trace.set_span_in_context(span))
         return span
 
-    def _end_producer(
-        self, span: Span, band: str, result: str, *, entry_id: Any = None, error: Exception | None = None
-    ) -> None:
-        if entry_id is not None:
-            span.set_attribute(
-                "messaging.message.id", entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-            )
+    def _end_producer(self, span: Span, band: str, result: str, *, error: Exception | None = None) -> None:
         if result != "admitted":
             span.set_attribute("error.type", type(error).__qualname__ if error else "QueueFull")
             span.set_status(Status(StatusCode.ERROR, str(error) if error else "the queue is full"))

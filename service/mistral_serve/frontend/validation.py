@@ -527,12 +527,12 @@ def _check_client_request_id(
 
 def check_budget(
     counted: chat_pb2.CountTokensResponse, request: chat_pb2.ChatRequest, limits: Limits, *, path: str = ""
-) -> None:
-    """Refuse a request whose prompt leaves no room to answer; a max_tokens over the room left is
-    clamped by the worker, as vLLM does (`contract.new_tokens_allowed`)."""
+) -> int:
+    """Refuse a request whose prompt leaves no room to answer; else the tokens it may generate: a
+    max_tokens over the room left is clamped by the worker, as vLLM does (`contract.new_tokens_allowed`)."""
     s = request.sampling
     try:
-        new_tokens_allowed(
+        return new_tokens_allowed(
             counted.prompt_tokens, s.max_tokens if s.HasField("max_tokens") else None, limits.context_length
         )
     except BudgetProblem as problem:

@@ -124,6 +124,7 @@ async def start_worker(
         block_ms=settings.block_ms,
         lease_ms=settings.lease_ms,
         max_attempts=settings.max_attempts,
+        fair_quantum_tokens=settings.fair_quantum_tokens,
     )
     await consumer.ensure_group()
     epoch = RedisEpoch(client, settings.pool)

@@ -1,4 +1,4 @@
-"""The worker's queue consumer: claims up to N jobs from the pool's stream and runs them at once.
+"""The worker's queue consumer: takes up to N jobs of the pool (fair_queue.py) and runs them at once.
 
 Each job ends with exactly one terminal event, written before the entry is acked and deleted
 (deleting keeps the stream's length equal to the pool's backlog, which admission reads). A job
@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import redis.asyncio as redis
 from google.rpc import code_pb2
@@ -22,6 +22,7 @@ from redis.exceptions import RedisError, ResponseError
 from mistral_serve.common import keys, retry
 from mistral_serve.common.contract import error_event
 from mistral_serve.common.event_log import read_records
+from mistral_serve.common.fair_queue import Entry, FairTake
 from mistral_serve.common.retry import Backoff
 from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
@@ -30,7 +31,7 @@ from .engine import Engine, EngineRequestError, EngineStopped
 from .events import EventWriter
 from .job import EntryRef, HandBack, Job, LeaseLost, StopReason, stopped_event
 from .jobs import Resume, generate_events
-from .leases import Entry, Leases
+from .leases import Leases
 from .tracing import WorkerTelemetry
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Consumer:
         block_ms: int,
         lease_ms: int = 3000,
         max_attempts: int = 3,
+        fair_quantum_tokens: int = 512,
     ) -> None:
         self._redis = client
         self._engine = engine
@@ -63,6 +65,9 @@ class Consumer:
         self._block_ms = block_ms
         self._max_attempts = max_attempts
         self.leases = Leases(client, consumer_name=consumer_name, lease_ms=lease_ms)
+        self._take = FairTake(
+            client, pool=pool, consumer_name=consumer_name, quantum_tokens=fair_quantum_tokens
+        )
         self._jobs: dict[EntryRef, Job] = {}
         # Jobs that ended unfinished because the worker stopped, for `drain` to hand back.
         self._handed_back: list[EntryRef] = []
@@ -112,34 +117,21 @@ class Consumer:
                 continue
 
     async def read_new(self, free: int) -> int:
-        """Start up to `free` new jobs, higher bands first; block on all bands only when none waited."""
-        started = 0
-        for stream in self.streams:
-            reply = await self._redis.xreadgroup(
-                keys.WORKER_GROUP, self._name, {stream: ">"}, count=free - started
-            )
-            started += self._start_all(reply)
-            if started >= free:
-                return started
-        if started == 0:
-            reply = await self._redis.xreadgroup(
-                keys.WORKER_GROUP,
-                self._name,
-                dict.fromkeys(self.streams, ">"),
-                count=free,
-                block=self._block_ms,
-            )
-            started += self._start_all(reply)
+        """Start up to `free` new jobs, higher bands first and callers in turn (`fair_queue.TAKE`);
+        when none waited, block until an admission (or `block_ms`) and take once more."""
+        taken, wake_id = await self._take.take(free)
+        started = self._start_all(taken)
+        if started == 0 and wake_id is not None:
+            await self._redis.xread({self._take.wake_stream: wake_id}, count=1, block=self._block_ms)
+            taken, _ = await self._take.take(free)
+            started = self._start_all(taken)
         return started
 
-    def _start_all(self, reply: Any) -> int:
-        started = 0
-        for stream, entries in reply or []:
-            name = stream.decode() if isinstance(stream, bytes) else stream
+    def _start_all(self, taken: list[tuple[str, list[Entry]]]) -> int:
+        for stream, entries in taken:
             for entry_id, fields in entries:
-                self._start(EntryRef(name, entry_id), fields, claimed=False)
-                started += 1
-        return started
+                self._start(EntryRef(stream, entry_id), fields, claimed=False)
+        return sum(len(entries) for _, entries in taken)
 
     def start_claimed(self, stream: str, entries: Sequence[Entry]) -> None:
         """Start jobs taken over from another worker (their lease lapsed)."""

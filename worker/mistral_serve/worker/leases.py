@@ -13,6 +13,7 @@ from typing import Any
 import redis.asyncio as redis
 
 from mistral_serve.common import keys
+from mistral_serve.common.fair_queue import Entry
 
 # Returns the ids that are no longer this consumer's (claimed by another worker, or gone).
 _REFRESH = """
@@ -27,8 +28,6 @@ for i = 4, #ARGV do
 end
 return lost
 """
-
-Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 
 class Leases:

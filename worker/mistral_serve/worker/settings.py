@@ -35,8 +35,13 @@ class WorkerSettings(SharedSettings):
     attach_check_interval_s: float = 1.0
     # How often Redis is checked for a restart that lost its data (`restarts.RestartGuard`).
     restart_check_interval_s: float = 0.5
-    # How one XREADGROUP waits for new requests.
+    # How long an idle worker waits for an admission before it looks at the queue again.
     block_ms: int = 1000
+    # Fair queueing within a band: the tokens a caller of weight 1 is credited per turn of the band's
+    # callers (deficit round robin, fair_queue.py). A caller may run ahead of another by about a
+    # quantum plus one request; smaller interleaves callers finer, and costs a take one pass over the
+    # band's waiting callers whenever a request costs more than a quantum.
+    fair_quantum_tokens: int = 512
     # "vllm", or "package.module:factory" for a callable returning an Engine.
     engine: str = "vllm"
     # The worker's own metrics port, beside a frontend's on the same host.
@@ -60,6 +65,7 @@ class WorkerSettings(SharedSettings):
             health_port=env_int("HEALTH_PORT", cls.health_port, minimum=0),
             block_ms=env_int("BLOCK_MS", cls.block_ms, minimum=1),
             lease_ms=env_int("LEASE_MS", cls.lease_ms, minimum=100),
+            fair_quantum_tokens=env_int("FAIR_QUANTUM_TOKENS", cls.fair_quantum_tokens, minimum=1),
             max_attempts=env_int("MAX_ATTEMPTS", cls.max_attempts, minimum=1),
             attach_check_interval_s=env_float(
                 "ATTACH_CHECK_INTERVAL_S", cls.attach_check_interval_s, minimum=0.01

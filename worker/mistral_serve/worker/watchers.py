@@ -15,10 +15,11 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from mistral_serve.common import keys
+from mistral_serve.common.fair_queue import Entry
 from mistral_serve.common.redis_client import pubsub_client
 
 from .job import EntryRef, Job, StopReason
-from .leases import Entry, Leases
+from .leases import Leases
 
 log = logging.getLogger(__name__)
 

@@ -311,6 +311,15 @@ list of {"band", "stream"}. The normal band keeps the plain name.
 {{- toJson $streams }}
 {{- end }}
 
+{{/* Each band's list of waiting requests (common/keys.py waiting_count), highest band first. */}}
+{{- define "mistral-serve.waitingCounts" -}}
+{{- $lists := list }}
+{{- range $band := list "high" "normal" "low" }}
+{{- $lists = append $lists (dict "band" $band "list" (printf "mistral_serve:{%s}:waiting:%s" $.Values.pool $band)) }}
+{{- end }}
+{{- toJson $lists }}
+{{- end }}
+
 {{/* KEDA: where its redis-streams scaler finds the stream. */}}
 
 {{- define "mistral-serve.kedaAddress" -}}

@@ -34,9 +34,6 @@ values to change. Included once, from deployment-frontend.yaml, so every render 
 {{- if ge (int $v.keda.target) (int $v.worker.maxInflight) }}
 {{- fail (printf "keda.target (%d) must be below worker.maxInflight (%d) with trigger pendingEntriesCount: a worker never holds more pending entries than it runs" (int $v.keda.target) (int $v.worker.maxInflight)) }}
 {{- end }}
-{{- if lt (int $v.keda.minReplicaCount) 1 }}
-{{- fail "keda.minReplicaCount must be at least 1 with trigger pendingEntriesCount: with no worker nothing is pending, so KEDA would never scale up; use trigger lagCount to scale to 0" }}
-{{- end }}
 {{- end }}
 {{- if and $v.keda.enabled (gt (int $v.keda.minReplicaCount) (int $v.keda.maxReplicaCount)) }}
 {{- fail "keda.minReplicaCount must not exceed keda.maxReplicaCount" }}
