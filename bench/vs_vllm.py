@@ -345,9 +345,9 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
 
 def measure_stack(args: argparse.Namespace, sides: list[str], make_spec: Any) -> list[dict[str, Any]]:
     """This stack's rows, its gRPC door and its HTTP/SSE door, from one start of the stack."""
-    http_port = free_port()
     rows: list[dict[str, Any]] = []
-    settings = stack_settings(args.model, http_port)
+    # Any port turns the HTTP door on; the stack binds it at 0 and the frontend reports the port.
+    settings = stack_settings(args.model, free_port())
     with stack(args.name, settings=settings, ready_timeout_s=300) as running:
         meter = {
             "front_end": running.frontend_pids + running.worker_pids + [running.redis_pid],
@@ -362,7 +362,7 @@ def measure_stack(args: argparse.Namespace, sides: list[str], make_spec: Any) ->
                 label, args.concurrency, make_spec, lambda s: load_grpc(running.targets, s), meter
             )
         if "http" in sides:
-            url = f"http://127.0.0.1:{http_port}"
+            url = f"http://127.0.0.1:{running.http_ports[0]}"
             asyncio.run(wait_http(f"{url}/health/ready", 30, running.procs, "the frontend's HTTP door"))
             label = SIDES["http"]
             rows += measure(label, args.concurrency, make_spec, lambda s: load_sse(url, s, label), meter)
