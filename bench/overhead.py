@@ -36,7 +36,7 @@ from bench.common import (
 )
 from bench.loadgen import LoadResult, LoadSpec, grpc_streamer, open_channels, run_load
 from bench.plots import plot_bars
-from bench.profiling import profile_pids
+from bench.profiling import print_profiles, profile_pids
 from bench.stepped_engine import SteppedEngine
 from mistral_serve.v1 import chat_pb2
 from mistral_serve.worker.engine import EngineRequest
@@ -244,11 +244,7 @@ def main() -> None:
             ),
         ],
     )
-    if profiles:
-        for proc, top in profiles.items():
-            print(f"py-spy, {proc}: top functions by own time")
-            for entry in top[:12]:
-                print(f"  {entry['share']:6.1%}  {entry['function']}")
+    print_profiles(profiles)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from bench.common import (
 )
 from bench.loadgen import CallFailed, LoadSpec, Streamer, grpc_streamer, open_channels, run_load
 from bench.plots import plot_bars
+from bench.profiling import Profiling, print_profiles, profile_pids
 from mistral_serve.v1 import chat_pb2
 
 SERVED_NAME = "tiny"
@@ -248,14 +249,23 @@ def children(pid: int) -> list[int]:
 
 
 def measure(
-    side: str, concurrency: list[int], make_spec: Any, run: Any, meter_pids: dict[str, list[int]]
+    side: str,
+    concurrency: list[int],
+    make_spec: Any,
+    run: Any,
+    meter_pids: dict[str, list[int]],
+    profile: Callable[[int], Profiling | None] = lambda n: None,
 ) -> list[dict[str, Any]]:
+    """`profile(n)` may start py-spy for the row at concurrency `n`; its summary goes in the row."""
     rows = []
     for n in concurrency:
         meter = CpuMeter({**meter_pids, "client": [os.getpid()]})
         meter.start()
+        profiling = profile(n)
         summary = uvloop.run(run(make_spec(n)))
         rows.append(side_row(side, n, summary, meter.stop()))
+        if profiling is not None:
+            rows[-1]["profiles"] = profiling.collect()
     return rows
 
 
@@ -356,10 +366,17 @@ def measure_stack(args: argparse.Namespace, sides: list[str], make_spec: Any) ->
             "worker": running.worker_pids,
             "redis": [running.redis_pid],
         }
+
+        def profile(n: int) -> Profiling | None:
+            if not args.profile or n != max(args.concurrency):
+                return None
+            pids = {"frontend": running.frontend_pids[0], "worker": running.worker_pids[0]}
+            return profile_pids(pids, duration_s=args.duration * 0.75, name=f"{args.name}-{n}")
+
         if "grpc" in sides:
             label = SIDES["grpc"]
             rows += measure(
-                label, args.concurrency, make_spec, lambda s: load_grpc(running.targets, s), meter
+                label, args.concurrency, make_spec, lambda s: load_grpc(running.targets, s), meter, profile
             )
         if "http" in sides:
             url = f"http://127.0.0.1:{running.http_ports[0]}"
@@ -384,6 +401,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=TINY_MODEL)
     parser.add_argument("--name", default="vs_vllm")
     parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the stack's frontend and worker: gRPC, top concurrency"
+    )
     args = parser.parse_args()
     if not (args.model / "consolidated.safetensors").exists():
         raise SystemExit(
@@ -435,6 +455,8 @@ def main() -> None:
         },
     )
     write_table(args.name, "Against vllm serve", command_line(), table, notes)
+    for r in rows:
+        print_profiles(r.get("profiles", {}), f" ({r['side']}, c={r['concurrency']})")
     groups = [str(n) for n in args.concurrency]
 
     def series(metric: Any) -> dict[str, list[float]]:
