@@ -101,3 +101,33 @@ async def test_a_terminal_flush_waits_for_replicas_after_its_script(redis_url: s
     assert calls.get("eval") == 1 and calls.get("wait") == 1
     assert [e.WhichOneof("event") for e in history.events] == ["delta", "error"]
     assert 0 < ttl <= 60
+
+
+async def test_a_flush_sets_the_ttl_of_new_streams_only(redis_url: str) -> None:
+    """In a flush mixing new streams and streams whose TTL was set less than half a TTL ago, the new
+    ones get the TTL and the others keep theirs (a sentinel PEXPIRE here tells them apart)."""
+    client = redis.Redis.from_url(redis_url)
+    writer = EventWriter(client, pool="default", ttl_s=60, interval_s=0.001, max_events=64)
+    old, new = [f"old{i}" for i in range(10)], [f"new{i}" for i in range(10)]
+
+    def emit(request_ids: list[str], sequence: int) -> None:
+        for request_id in request_ids:
+            writer.emit(request_id, chat_pb2.ChatEvent(delta=chat_pb2.Delta(sequence=sequence, text="x")))
+
+    task = asyncio.get_running_loop().create_task(writer.run())
+    try:
+        emit(old, 1)
+        await until(lambda: writer.writes >= 1)
+        for request_id in old:
+            await client.pexpire(keys.events_stream("default", request_id), 500_000)
+        emit(new + old, 2)  # the new ones first in the batch, so the script's order is the writer's
+        await until(lambda: writer.writes >= 2)
+        old_ttls = [await client.pttl(keys.events_stream("default", rid)) for rid in old]
+        new_ttls = [await client.pttl(keys.events_stream("default", rid)) for rid in new]
+        lengths = [await client.xlen(keys.events_stream("default", rid)) for rid in old + new]
+    finally:
+        task.cancel()
+        await client.aclose()
+    assert all(60_000 < ttl <= 500_000 for ttl in old_ttls)
+    assert all(0 < ttl <= 60_000 for ttl in new_ttls)
+    assert lengths == [2] * len(old) + [1] * len(new)
