@@ -106,7 +106,9 @@ class EventWriter:
         raw_text: str = "",
     ) -> None:
         """Queue `event`, made from engine output `token_ids`/`raw_text`, for the next write."""
-        pending = self._pending.setdefault(request_id, _Pending())
+        pending = self._pending.get(request_id)
+        if pending is None:  # not setdefault: that would build a _Pending on every event
+            pending = self._pending[request_id] = _Pending()
         pending.events.append(event)
         pending.token_ids.extend(token_ids)
         if raw_text:
