@@ -219,6 +219,8 @@ class Stack:
     procs: Processes
     redis_port: int
     frontend_ports: list[int] = field(default_factory=list)
+    # The HTTP door's port of each frontend that reported one (MISTRAL_SERVE_HTTP_PORT, bound at 0).
+    http_ports: list[int] = field(default_factory=list)
     worker_health_ports: list[int] = field(default_factory=list)
     frontend_pids: list[int] = field(default_factory=list)
     worker_pids: list[int] = field(default_factory=list)
@@ -262,6 +264,8 @@ def stack(
         for child in started:
             if child.name.startswith("frontend"):
                 out.frontend_ports.append(child.ports["grpc"])
+                if "http" in child.ports:
+                    out.http_ports.append(child.ports["http"])
                 out.frontend_pids.append(child.pid)
             else:
                 out.worker_health_ports.append(child.ports["health"])

@@ -36,7 +36,7 @@ from bench.common import (
 )
 from bench.loadgen import LoadResult, LoadSpec, grpc_streamer, open_channels, run_load
 from bench.plots import plot_bars
-from bench.profiling import profile_pids
+from bench.profiling import print_profiles, profile_pids
 from bench.stepped_engine import SteppedEngine
 from mistral_serve.v1 import chat_pb2
 from mistral_serve.worker.engine import EngineRequest
@@ -90,6 +90,12 @@ def row(
         "stack_errors": through["errors"],
         # Share of one core each process used during the stack's run.
         "cpu_cores": {name: used / wall for name, used in cpu.items() if name != "wall_s"},
+        # CPU per token: a process's cores over the tokens/s delivered in the window.
+        "cpu_ms_per_1k_tokens": {
+            name: 1e6 * used / wall / max(through["tokens_per_s"], 1e-9)
+            for name, used in cpu.items()
+            if name != "wall_s"
+        },
     }
 
 
@@ -103,6 +109,7 @@ TABLE_HEADERS = [
     "added p50 ms",
     "added p99 ms",
     "CPU cores: frontend / worker / redis / client",
+    "CPU ms / 1k tokens: frontend / worker / redis",
     "errors",
 ]
 
@@ -122,6 +129,9 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
                 f"{r['added_ttft_p50_ms']:.2f}",
                 f"{r['added_ttft_p99_ms']:.2f}",
                 f"{c['frontend']:.2f} / {c['worker']:.2f} / {c['redis']:.2f} / {c['client']:.2f}",
+                " / ".join(
+                    f"{r['cpu_ms_per_1k_tokens'][name]:.1f}" for name in ("frontend", "worker", "redis")
+                ),
                 sum(r["stack_errors"].values()) + sum(r["direct_errors"].values()),
             ]
         )
@@ -234,11 +244,7 @@ def main() -> None:
             ),
         ],
     )
-    if profiles:
-        for proc, top in profiles.items():
-            print(f"py-spy, {proc}: top functions by own time")
-            for entry in top[:12]:
-                print(f"  {entry['share']:6.1%}  {entry['function']}")
+    print_profiles(profiles)
 
 
 if __name__ == "__main__":

@@ -70,3 +70,11 @@ def summarize_collapsed(text: str, *, ours: bool = False, top: int = 15) -> list
         else:
             counts[frames[-1]] += samples
     return [{"function": f, "share": c / total} for f, c in counts.most_common(top)] if total else []
+
+
+def print_profiles(profiles: dict[str, list[dict[str, Any]]], where: str = "", top: int = 12) -> None:
+    """Each process's summary (as `Profiling.collect` gives them) on stdout."""
+    for proc, entries in profiles.items():
+        print(f"py-spy, {proc}{where}: top functions by share of samples")
+        for entry in entries[:top]:
+            print(f"  {entry['share']:6.1%}  {entry['function']}")

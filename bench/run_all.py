@@ -29,7 +29,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 # name -> (script, seconds it may take)
 BENCHMARKS = {
     "overhead": ("bench/overhead.py", 150),
-    "vs_vllm": ("bench/vs_vllm.py", 360),
+    "vs_vllm": ("bench/vs_vllm.py", 480),  # four sides: the in-process AsyncLLM, vllm serve, gRPC, HTTP
     "scaling": ("bench/scaling.py", 150),
     "fairness": ("bench/fairness.py", 120),
 }

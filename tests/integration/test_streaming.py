@@ -239,3 +239,22 @@ async def test_a_finished_requests_events_expire_after_the_retention(stack: Stac
         keys.events_stream("default", events[0].started.request_id)
     )
     assert 0 < int(ttl) <= 77  # type: ignore[arg-type]
+
+
+async def test_the_frontends_deadline_ends_a_busy_stream_with_one_error_and_cancels_it(stack: Stack) -> None:
+    """No gRPC deadline: the service's default one passes while deltas still flow. The stream ends
+    with one DEADLINE_EXCEEDED event (raw stub: nothing retries), and the job is cancelled. The
+    frontend's own timer sends it (retryable), before the worker's deadline error could come back."""
+    frontend = await stack.frontend(default_deadline_s=0.6)
+    engine = ScriptedEngine(tokens_per_s=100, default_tokens=10_000)
+    await stack.worker(engine, attach_check_interval_s=0.05)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{frontend.port}") as channel:
+        call = chat_pb2_grpc.ChatServiceStub(channel).ChatStream(
+            chat_pb2.ChatStreamRequest(request=chat("a long answer"))
+        )
+        events = [event async for event in call]
+    assert_well_formed(events)
+    assert [e.WhichOneof("event") for e in events].count("delta") > 0
+    assert events[-1].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert events[-1].error.retryable
+    await until(lambda: events[0].started.request_id in engine.aborted_ids)

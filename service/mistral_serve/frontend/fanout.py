@@ -31,6 +31,7 @@ from mistral_serve.common import keys, retry
 from mistral_serve.common.contract import error_event
 from mistral_serve.common.epoch import RedisEpoch
 from mistral_serve.common.event_log import parse_record, read_records
+from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
 
 from .errors import BackendUnavailable
@@ -97,17 +98,24 @@ class EventFanout:
         self._restart_check_s = restart_check_s
         self._rewrite_window_s = rewrite_window_s
         self._wake_key = keys.wake_stream(pool, frontend_id).encode()
-        self._wake_last = b"0-0"
         self._block_ms = block_ms
         self._grace_ms = max(1, int(detach_grace_s * 1000))
         self._subs: dict[bytes, list[Subscription]] = {}
+        # What the next XREAD sends: the wake stream and every followed stream, each from the oldest
+        # position one of its followers needs. Kept up to date on open, close and each read, so that
+        # a wake costs the streams that moved, not a rebuild over every open stream.
+        self._positions: dict[bytes, bytes] = {self._wake_key: b"0-0"}
 
     def open(
         self, request_id: str, *, after_entry_id: bytes = b"0-0", owner: Owner | None = None
     ) -> Subscription:
         """Follow `request_id`'s events after `after_entry_id`; for a new request, call before queuing it."""
         sub = Subscription(request_id, owner=owner, last_entry_id=after_entry_id)
-        self._subs.setdefault(keys.events_stream(self._pool, request_id).encode(), []).append(sub)
+        key = keys.events_stream(self._pool, request_id).encode()
+        self._subs.setdefault(key, []).append(sub)
+        position = self._positions.get(key)
+        if position is None or entry_order(after_entry_id) < entry_order(position):
+            self._positions[key] = after_entry_id
         return sub
 
     def close(self, sub: Subscription) -> None:
@@ -117,6 +125,7 @@ class EventFanout:
             followers.remove(sub)
         if not followers:
             self._subs.pop(key, None)
+            self._positions.pop(key, None)
 
     async def history(self, request_id: str) -> History:
         """Every event written for `request_id` so far, for a caller who reattaches."""
@@ -195,7 +204,7 @@ class EventFanout:
             await pipe.execute()
 
     async def _read_forever(self) -> None:
-        self._wake_last = await retry.until_done(
+        self._positions[self._wake_key] = await retry.until_done(
             lambda: self._redis.xadd(self._wake_key, {b"w": b"0"}, maxlen=keys.WAKE_MAXLEN),
             log=log,
             what="starting the event reader",
@@ -213,19 +222,29 @@ class EventFanout:
                 log.warning("cannot renew attachments: %s", exc)
 
     async def _read_once(self) -> None:
-        streams: dict[bytes, bytes] = {self._wake_key: self._wake_last}
-        for key, followers in self._subs.items():
-            streams[key] = min((sub.last_entry_id for sub in followers), key=entry_order)
-        reply = await self._redis.xread(streams, block=self._block_ms)  # type: ignore[arg-type]
+        sent = dict(self._positions)
+        reply = await self._redis.xread(sent, block=self._block_ms)  # type: ignore[arg-type]
         for key, entries in reply or []:
             if key == self._wake_key:
-                self._wake_last = entries[-1][0]
+                self._positions[key] = entries[-1][0]
                 continue
-            for entry_id, fields in entries:
-                record = parse_record(fields)
-                order = entry_order(entry_id)
-                # Closed while the read was in flight: no followers, nothing delivered.
-                for sub in self._subs.get(key, []):
-                    if order > entry_order(sub.last_entry_id):
-                        sub.batches.put_nowait(list(record.events))
-                        sub.last_entry_id = entry_id
+            # Closed while the read was in flight: no followers, nothing delivered.
+            followers = self._subs.get(key)
+            if not followers:
+                continue
+            records = [(entry_id, parse_record(fields)) for entry_id, fields in entries]
+            for sub in followers:
+                self._deliver(sub, records, caught_up=sub.last_entry_id == sent.get(key))
+            # The oldest position a follower needs (one that opened meanwhile may need older entries).
+            self._positions[key] = min((sub.last_entry_id for sub in followers), key=entry_order)
+
+    @staticmethod
+    def _deliver(
+        sub: Subscription, records: list[tuple[bytes, queue_pb2.EventRecord]], *, caught_up: bool
+    ) -> None:
+        """Queue the records `sub` has not had; `caught_up`: it had everything before them."""
+        last = entry_order(sub.last_entry_id)
+        for entry_id, record in records:
+            if caught_up or entry_order(entry_id) > last:
+                sub.batches.put_nowait(list(record.events))
+                sub.last_entry_id = entry_id

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 # Counts a request's prompt tokens (text and images) the way the worker's prompt builder does.
 TokenCounter: TypeAlias = Callable[[FrontDoorRequest], chat_pb2.CountTokensResponse]
 TERMINAL = ("finished", "error")
+# Queued to a subscription by its stream's deadline timer (compared by identity).
+_DEADLINE_PASSED: list[chat_pb2.ChatEvent] = []
 
 
 class ChatPipeline:
@@ -225,11 +227,16 @@ class EventStream:
         self.request_id = sub.request_id
         self._fanout = fanout
         self._sub: Subscription | None = sub
-        self._deadline = deadline
         self._last_sequence = last_sequence
         self._on_deadline = on_deadline
         self._pending: deque[chat_pb2.ChatEvent] = deque(
             [chat_pb2.ChatEvent(started=chat_pb2.Started(request_id=sub.request_id))]
+        )
+        # One timer for the whole stream, not a wait_for (a task and a timer) per batch: when the
+        # deadline passes, a marker queues behind the batches that came before it.
+        loop = asyncio.get_running_loop()
+        self._deadline_timer: asyncio.TimerHandle | None = loop.call_at(
+            loop.time() + max(deadline - time.time(), 0), sub.batches.put_nowait, _DEADLINE_PASSED
         )
 
     def __aiter__(self) -> EventStream:
@@ -243,14 +250,16 @@ class EventStream:
         return self._pending.popleft()
 
     def close(self) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         if self._sub is not None:
             self._fanout.close(self._sub)
             self._sub = None
 
     async def _take_batch(self, sub: Subscription) -> None:
-        try:
-            batch = await asyncio.wait_for(sub.batches.get(), timeout=max(self._deadline - time.time(), 0))
-        except TimeoutError:
+        batch = await sub.batches.get()
+        if batch is _DEADLINE_PASSED:
             if self._on_deadline is not None:
                 self._on_deadline(self.request_id)
             self._pending.append(

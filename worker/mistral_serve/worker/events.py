@@ -1,10 +1,13 @@
-"""Coalesced event writes: every request's pending events go to Redis in one pipelined round trip.
+"""Coalesced event writes: every request's pending events go to Redis in one round trip.
 
 A request's first delta and its terminal event are written at once (time to first token and the
 end of a stream are what callers feel); the deltas in between wait up to the flush interval, or
 until a request has `max_events` pending, so the worker makes a few writes per engine step
-instead of one per token. Each record also carries the engine output its events were made from
-(token ids, raw text), which is what a worker taking over a lost job resumes from.
+instead of one per token. A write is one call of a Lua script (`_FLUSH`) whatever the number of
+requests in it: one command to pack and one reply to parse, not one XADD (and an EXPIRE) per request.
+
+Each record also carries the engine output its events were made from (token ids, raw text), which
+is what a worker taking over a lost job resumes from.
 
 The writer also keeps every record it wrote for a running request (and the records a resumed run
 started from), so that after a Redis that came back empty it can write them all again (`rewrite`).
@@ -28,6 +31,19 @@ from mistral_serve.queue.v1 import queue_pb2
 from mistral_serve.v1 import chat_pb2
 
 log = logging.getLogger(__name__)
+
+# KEYS: the event streams of one flush, those whose TTL is (re)set now first. ARGV: the TTL, the
+# record field name, how many KEYS have their TTL set, then each key's record, in KEYS order.
+_FLUSH = """
+local ttl, field, renew = ARGV[1], ARGV[2], tonumber(ARGV[3])
+for i, key in ipairs(KEYS) do
+  redis.call('XADD', key, '*', field, ARGV[i + 3])
+  if i <= renew then
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+return #KEYS
+"""
 
 
 @dataclass(slots=True)
@@ -77,6 +93,7 @@ class EventWriter:
         self._written: dict[str, list[queue_pb2.EventRecord]] = {}
         # Writes and rewrites never interleave: a rewrite replaces a stream whole.
         self._lock = asyncio.Lock()
+        self._flush = client.register_script(_FLUSH)
         self.writes = 0  # round trips made, for tests and benchmarks
 
     def emit(
@@ -89,7 +106,9 @@ class EventWriter:
         raw_text: str = "",
     ) -> None:
         """Queue `event`, made from engine output `token_ids`/`raw_text`, for the next write."""
-        pending = self._pending.setdefault(request_id, _Pending())
+        pending = self._pending.get(request_id)
+        if pending is None:  # not setdefault: that would build a _Pending on every event
+            pending = self._pending[request_id] = _Pending()
         pending.events.append(event)
         pending.token_ids.extend(token_ids)
         if raw_text:
@@ -170,24 +189,32 @@ class EventWriter:
 
     async def _write_locked(self, batch: dict[str, _Pending]) -> None:
         # A stream's TTL is set on its first record, renewed every half TTL, and set again on its last:
-        # an EXPIRE per record would double the commands of every flush.
+        # an EXPIRE per record would double the work of every flush.
         now = time.monotonic()
-        renewed = []
         records = {request_id: pending.record() for request_id, pending in batch.items()}
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for request_id, pending in batch.items():
-                stream = keys.events_stream(self._pool, request_id)
-                pipe.xadd(stream, {keys.EVENT_FIELD: records[request_id].SerializeToString()})
-                set_at = self._ttl_set_at.get(request_id)
-                if pending.final or set_at is None or now - set_at > self._ttl_s / 2:
-                    pipe.expire(stream, self._ttl_s)
-                    renewed.append(request_id)
-            # A terminal event is on the replicas before its job can be acked (emit_final returns).
-            finals = [request_id for request_id, pending in batch.items() if pending.final]
-            waits = bool(finals) and self._replica_wait.add_to(pipe)
-            replies = await pipe.execute()
-        if waits:
+        renewed: list[str] = []
+        kept: list[str] = []
+        for request_id, pending in batch.items():
+            set_at = self._ttl_set_at.get(request_id)
+            renew = pending.final or set_at is None or now - set_at > self._ttl_s / 2
+            (renewed if renew else kept).append(request_id)
+        # Two arguments a request (its key, its record): packing them is most of a flush's client CPU.
+        order = renewed + kept
+        streams = [keys.events_stream(self._pool, request_id) for request_id in order]
+        args: list[bytes | int | str] = [self._ttl_s, keys.EVENT_FIELD, len(renewed)]
+        args += [records[request_id].SerializeToString() for request_id in order]
+        # A terminal event is on the replicas before its job can be acked (emit_final returns).
+        finals = [request_id for request_id, pending in batch.items() if pending.final]
+        if finals and self._replica_wait.replicas > 0:
+            # WAIT counts its own connection's writes, so it follows the script in one pipeline; EVAL,
+            # not EVALSHA: a pipeline holding a Script object checks SCRIPT EXISTS first, a round trip.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.eval(_FLUSH, len(streams), *streams, *args)
+                self._replica_wait.add_to(pipe)
+                replies = await pipe.execute()
             self._replica_wait.check(replies[-1], f"terminal events of {', '.join(finals)}")
+        else:
+            await self._flush(keys=streams, args=args)
         for request_id in renewed:
             self._ttl_set_at[request_id] = now
         for request_id, pending in batch.items():
