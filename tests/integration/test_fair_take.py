@@ -166,10 +166,10 @@ async def test_a_band_left_empty_keeps_no_deficit_no_weight_and_no_count(pool: P
 async def test_the_waiting_count_holds_the_admission_times_of_what_still_waits(pool: Pool) -> None:
     taker = pool.taker()
     await pool.admit("a", "a-old", 10_000)
-    first = await pool.client.lindex(keys.waiting_count(pool.name, keys.NORMAL), 0)
+    first = await pool.client.lindex(keys.waiting_count(pool.name, keys.NORMAL), 0)  # type: ignore[misc]
     await pool.admit("b", "b-new", 1)
     assert await taken_ids(taker, 1) == ["b-new"]  # taken out of admission order
-    waiting = await pool.client.lrange(keys.waiting_count(pool.name, keys.NORMAL), 0, -1)
+    waiting = await pool.client.lrange(keys.waiting_count(pool.name, keys.NORMAL), 0, -1)  # type: ignore[misc]
     assert waiting == [first]  # the oldest waiting request's time, for the queue-wait gauge
     assert abs(fair_queue.waiting_since(first) - time.time()) < 60
 

@@ -53,6 +53,7 @@ def _with_layout(lua: str) -> str:
         .replace("@REQUEST_FIELD@", keys.REQUEST_FIELD)
     )
 
+
 # Queue one request: KEYS the caller's list, the band's ring, weights and waiting count, the pool's
 # work-wake stream; ARGV the caller, its weight, the entry, the wake stream's MAXLEN. The wake entry
 # breaks the XREAD of idle workers. A joining caller has no deficit yet: TAKE starts it at one quantum.
