@@ -9,26 +9,31 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from redis.exceptions import RedisError
 
-from mistral_serve.common import keys
+from mistral_serve.common import keys, quota
 from mistral_serve.common.logs import bind_request_id
 from mistral_serve.common.redis_client import ReplicaWait
 from mistral_serve.common.telemetry import get_tracer
 from mistral_serve.common.tracecontext import inject_into
 from mistral_serve.queue.v1 import queue_pb2
 
-from .errors import BackendUnavailable, QueueFull
+from .callers import OTHER
+from .errors import BackendUnavailable, QueueFull, QuotaExceeded
 from .metrics import FrontendMetrics
 
-# Admission is one atomic step so that concurrent frontends never push the backlog past its bound.
-# The backlog is the length of the pool's band streams: workers delete entries once they are done
-# with them, so it counts waiting and running requests. KEYS: the band streams, the wake stream,
-# the stream to add to, the request's owner and attached keys. The wake entry breaks this
-# frontend's blocked event reader; the owner and attached keys are set with the entry, never after.
-_ADMIT = """
+# Admission is one atomic step so that concurrent frontends never push the backlog past its bound
+# nor a caller past its quota. The backlog is the length of the pool's band streams: workers delete
+# entries once they are done with them, so it counts waiting and running requests. KEYS: the band
+# streams, the wake stream, the stream to add to, the request's owner and attached keys, then the
+# caller's quota keys (`quota.admission_keys`, last). The wake entry breaks this frontend's blocked
+# event reader; the owner and attached keys are set with the entry, never after. The quota is
+# checked first and charged only once the backlog bound let the request in.
+_BACKLOG_CHECK = """
 local backlog = redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[2]) + redis.call('XLEN', KEYS[3])
 if backlog >= tonumber(ARGV[1]) then
   return false
 end
+"""
+_ENQUEUE = """
 local id = redis.call('XADD', KEYS[5], '*', ARGV[2], ARGV[3])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'w', '1')
 redis.call('EXPIRE', KEYS[4], 3600)
@@ -36,6 +41,7 @@ redis.call('SET', KEYS[6], ARGV[4], 'EX', ARGV[5])
 redis.call('SET', KEYS[7], '1', 'PX', ARGV[6])
 return id
 """
+_ADMIT = quota.ADMIT_CHECK + _BACKLOG_CHECK + quota.ADMIT_CHARGE + _ENQUEUE
 
 
 def admission_bound(max_backlog: int, band: str) -> int:
@@ -77,11 +83,20 @@ class RequestQueue:
         self._tracer = tracer or get_tracer()
         self._metrics = metrics
 
-    async def admit(self, queued: queue_pb2.QueuedRequest, *, owner: str) -> None:
-        """Queue `queued` in its priority band, or raise QueueFull when the band's bound is reached.
+    async def admit(
+        self,
+        queued: queue_pb2.QueuedRequest,
+        *,
+        owner: str,
+        limits: quota.Quota = quota.UNLIMITED,
+        caller_label: str = OTHER,
+    ) -> None:
+        """Queue `queued` in its priority band, or raise QueueFull when the band's bound is reached
+        and QuotaExceeded when its caller (`queued.caller`) is at one of `limits`.
 
         `owner` (the caller's identity) alone may reattach to or cancel it, for as long as its events
-        are kept: until its deadline plus the event retention.
+        are kept: until its deadline plus the event retention. `caller_label` names the caller in
+        the metrics.
         """
         band = keys.band_of(queued.request.priority)
         bound = admission_bound(self._max_backlog, band)
@@ -94,8 +109,9 @@ class RequestQueue:
             keys.request_stream(self._pool, band),
             keys.owner_key(self._pool, request_id),
             keys.attached_key(self._pool, request_id),
+            *quota.admission_keys(self._pool, queued.caller),
         ]
-        args: list[bytes | str | int] = [
+        args: list[bytes | str | int | float] = [
             bound,
             keys.REQUEST_FIELD,
             queued.SerializeToString(),
@@ -103,6 +119,13 @@ class RequestQueue:
             owner_ttl_s,
             self._detach_grace_ms,
             keys.WAKE_MAXLEN,
+            *quota.admission_args(
+                limits,
+                cost_tokens=queued.cost_tokens,
+                request_id=request_id,
+                deadline_ms=int((queued.deadline_unix - queued.admitted_unix) * 1000),
+                in_flight_retry_ms=int(self._retry_after_s * 1000),
+            ),
         ]
         try:
             if self._replica_wait.replicas <= 0:
@@ -114,15 +137,23 @@ class RequestQueue:
                     # Replicated before the caller learns the request id, so a failover cannot lose it.
                     self._replica_wait.add_to(pipe)
                     entry_id, acked = await pipe.execute()
-                if entry_id is not None:
+                if entry_id is not None and quota.refusal(entry_id) is None:
                     self._replica_wait.check(acked, f"admission of {request_id}")
         except RedisError as exc:
             self._end_producer(span, band, "unavailable", error=exc)
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
+        refused = quota.refusal(entry_id)
+        if refused is not None:
+            error = QuotaExceeded(queued.caller, refused.limit, refused.retry_ms / 1000)
+            self._end_producer(span, band, "quota", error=error)
+            self._caller_metrics(caller_label, refused.limit)
+            raise error
         if entry_id is None:
             self._end_producer(span, band, "full")
+            self._caller_metrics(caller_label, "full")
             raise QueueFull(bound, self._retry_after_s)
         self._end_producer(span, band, "admitted", entry_id=entry_id)
+        self._caller_metrics(caller_label, "admitted", queued.cost_tokens)
 
     def _start_producer(self, queued: queue_pb2.QueuedRequest, band: str) -> Span:
         """The PRODUCER span of this admission, its context written into `queued` for the worker."""
@@ -156,6 +187,10 @@ class RequestQueue:
         span.end()
         if self._metrics is not None:
             self._metrics.admitted(band, result)
+
+    def _caller_metrics(self, label: str, result: str, cost_tokens: int = 0) -> None:
+        if self._metrics is not None:
+            self._metrics.caller_admitted(label, result, cost_tokens)
 
     async def cancel(self, request_id: str) -> None:
         """Mark `request_id` cancelled: a flag for a worker yet to start it, a message for one running it."""
