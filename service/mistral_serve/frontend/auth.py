@@ -93,7 +93,7 @@ class KeyStore:
         self._checked = 0.0
         if path is not None:
             self._load()
-        if not self.digests:
+        if not self.digests and not self._file.identities:
             log.error("API keys are configured but none is listed: every call will be refused")
 
     @property
@@ -102,7 +102,7 @@ class KeyStore:
 
     def match(self, key: str) -> str | None:
         """The digest `key` matches, or None. Compares against every digest in constant time."""
-        self._maybe_reload()
+        self.maybe_reload()
         presented = key_digest(key)
         found = None
         for digest in self.digests:
@@ -119,10 +119,10 @@ class KeyStore:
 
     def listing(self, identity: str) -> Listing | None:
         """What the file says of a `cert:`/`mesh:` caller, if it lists it."""
-        self._maybe_reload()
+        self.maybe_reload()
         return self._file.identities.get(identity)
 
-    def _maybe_reload(self) -> None:
+    def maybe_reload(self) -> None:
         now = time.monotonic()
         if self._path is None or now - self._checked < RELOAD_INTERVAL_S:
             return
@@ -191,7 +191,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         caller = ANONYMOUS
         if self._mtls:
             caller = self._certificate_caller(auth_context)
-        if self._keys is not None:
+        if self._keys is not None and self._keys_required():
             caller = self._keys.key_caller(self._key_digest(authorization))
         if mesh is not None:
             if not _MESH_VALUE.fullmatch(mesh):
@@ -200,6 +200,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 )
             caller = self._listed(f"mesh:{mesh}")
         return caller
+
+    def _keys_required(self) -> bool:
+        """Keys are asked for when the keys file or list holds one, or when nothing else vouches for
+        callers: a file of only `cert:`/`mesh:` lines gives certificates or mesh callers their
+        quotas without asking for keys, and refuses everyone on its own."""
+        assert self._keys is not None
+        self._keys.maybe_reload()
+        return bool(self._keys.digests) or not (self._mtls or self.caller_header)
 
     def _listed(self, identity: str) -> Caller:
         listing = None if self._keys is None else self._keys.listing(identity)
