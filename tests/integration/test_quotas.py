@@ -253,3 +253,49 @@ async def _level_over(client: redis.Redis, caller: str, level: float) -> bool:
 
 async def _zcard_is(client: redis.Redis, key: str, count: int) -> bool:
     return int(await client.zcard(key)) == count
+
+
+async def test_a_request_the_full_queue_refuses_is_not_charged(stack: Stack, tmp_path: Path) -> None:
+    path = keys_file(tmp_path, f"{key_digest('ka')} name=team-a tpm=100")
+    frontend = await stack.frontend(api_keys_file=path, max_backlog=1)
+    door = Door(frontend)
+    first = await door.start("ka", 30)
+    assert isinstance(first, Admitted), first
+    full = await door.start("ka", 30)
+    assert isinstance(full, grpc.aio.AioRpcError)
+    assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue holds its bound" in (full.details() or "")
+    client = redis.Redis.from_url(stack.redis_url)
+    # 100 - 30 and a little refill; the refused 30 would have left it near 40.
+    assert 69 < await _bucket_level(client, "team-a") < 75
+    first.call.cancel()
+    await client.aclose()
+    await door.channel.close()
+
+
+async def test_a_request_nobody_ran_stops_counting_in_flight_at_its_deadline(
+    stack: Stack, tmp_path: Path
+) -> None:
+    frontend = await stack.frontend(
+        api_keys_file=keys_file(tmp_path, f"{key_digest('ka')} name=team-a inflight=1")
+    )
+    door = Door(frontend)
+    call = door.stub.ChatStream(
+        chat_pb2.ChatStreamRequest(request=chat("no worker", max_tokens=3)),
+        metadata=bearer("ka"),
+        timeout=1.0,
+    )
+    assert (await call.read()).WhichOneof("event") == "started"
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call.read()  # its deadline passes with no worker to end it (and settle its quota)
+
+    async def admitted() -> bool:
+        result = await door.start("ka")
+        if isinstance(result, Admitted):
+            result.call.cancel()
+            return True
+        assert "requests_in_flight" in refused_by_quota(result).description
+        return False
+
+    await until_async(admitted)
+    await door.channel.close()
