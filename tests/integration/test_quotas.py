@@ -149,7 +149,7 @@ async def test_the_http_door_answers_429_naming_the_limit_with_retry_after(
     assert isinstance(first, Admitted), first
     body = {"model": frontend.settings.model_name, "max_tokens": second_tokens}
     body["messages"] = [{"role": "user", "content": "hi"}]
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
         response = await http.post(
             f"http://127.0.0.1:{frontend.http_port}/v1/chat/completions",
             json=body,
