@@ -78,12 +78,14 @@ class Door:
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{frontend.port}")
         self.stub = chat_pb2_grpc.ChatServiceStub(self.channel)
 
-    async def start(self, key: str, max_tokens: int = 5, text: str = "hi") -> Admitted | grpc.aio.AioRpcError:
+    async def start(
+        self, key: str, max_tokens: int = 5, text: str = "hi", timeout_s: float = 30
+    ) -> Admitted | grpc.aio.AioRpcError:
         """A stream once admitted (its `started` read), or the AioRpcError that refused it."""
         call = self.stub.ChatStream(
             chat_pb2.ChatStreamRequest(request=chat(text, max_tokens=max_tokens)),
             metadata=bearer(key),
-            timeout=30,
+            timeout=timeout_s,
         )
         try:
             first = await call.read()
@@ -278,9 +280,12 @@ async def test_a_request_nobody_ran_stops_counting_in_flight_at_its_deadline(
     stack: Stack, tmp_path: Path
 ) -> None:
     frontend = await stack.frontend(
-        api_keys_file=keys_file(tmp_path, f"{key_digest('ka')} name=team-a inflight=1")
+        api_keys_file=keys_file(tmp_path, f"{key_digest('ka')} name=team-a inflight=2")
     )
     door = Door(frontend)
+    # A long request in flight keeps the set (and its expiry) alive: the short one must leave it alone.
+    long = await door.start("ka", timeout_s=300)
+    assert isinstance(long, Admitted), long
     call = door.stub.ChatStream(
         chat_pb2.ChatStreamRequest(request=chat("no worker", max_tokens=3)),
         metadata=bearer("ka"),
@@ -301,5 +306,6 @@ async def test_a_request_nobody_ran_stops_counting_in_flight_at_its_deadline(
         assert "requests_in_flight" in refused_by_quota(result).description
         return False
 
-    await until_async(admitted)
+    await until_async(admitted, timeout_s=20)
+    long.call.cancel()
     await door.channel.close()
