@@ -130,6 +130,16 @@ async def test_a_caller_over_a_limit_gets_quota_failure_naming_it_and_others_go_
     # Another caller (unlisted: the default quota, no limit) is admitted meanwhile.
     other = await door.start("kb", 3, "other caller")
     assert isinstance(other, Admitted), other
+    # Metrics name a listed caller, and every other one `other`.
+    assert frontend.metrics is not None
+    registry = frontend.metrics.registry
+    counts = {
+        (caller, result): registry.get_sample_value(
+            "mistral_serve_caller_admissions_total", {"pool": POOL, "caller": caller, "result": result}
+        )
+        for caller, result in (("team-a", "admitted"), ("team-a", limit), ("other", "admitted"))
+    }
+    assert set(counts.values()) == {1.0}, counts
     # The refusal lost nothing: both admitted requests run to their end once a worker comes.
     await stack.worker()
     for admitted, text in ((first, "first one w1 w2 w3"), (other, "other caller w1")):
