@@ -319,3 +319,31 @@ async def test_a_request_nobody_ran_stops_counting_in_flight_at_its_deadline(
     await until_async(admitted, timeout_s=20)
     long.call.cancel()
     await door.channel.close()
+
+
+async def test_a_mesh_header_names_the_caller_at_both_doors(stack: Stack, tmp_path: Path) -> None:
+    # A keys file of mesh lines only: the mesh vouches for callers, no API key is asked for.
+    path = keys_file(tmp_path, "mesh:svc-a inflight=1")
+    frontend = await stack.frontend(api_keys_file=path, caller_header="X-Caller")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{frontend.port}") as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        request = chat_pb2.ChatStreamRequest(request=chat("mesh", max_tokens=3))
+        held = stub.ChatStream(request, metadata=(("x-caller", "svc-a"),), timeout=30)
+        assert (await held.read()).WhichOneof("event") == "started"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+            body = {"model": frontend.settings.model_name, "messages": [{"role": "user", "content": "hi"}]}
+            response = await http.post(
+                f"http://127.0.0.1:{frontend.http_port}/v1/chat/completions",
+                json=body,
+                headers={"X-Caller": "svc-a"},
+            )
+            answer = await response.json()
+        assert response.status == 429
+        assert answer["error"]["code"] == "requests_in_flight"
+        other = stub.ChatStream(request, metadata=(("x-caller", "svc-b"),), timeout=30)
+        assert (await other.read()).WhichOneof("event") == "started"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ChatStream(request, metadata=(("x-caller", "svc-a"),), timeout=30).read()
+        assert refused_by_quota(refused.value).subject == "mesh:svc-a"
+        held.cancel()
+        other.cancel()
