@@ -88,11 +88,18 @@ class Door:
             timeout=timeout_s,
         )
         try:
-            first = await call.read()
+            first = await read_event(call)
         except grpc.aio.AioRpcError as error:
             return error
         assert first.WhichOneof("event") == "started"
         return Admitted(call, first.started.request_id)
+
+
+async def read_event(call: Any) -> chat_pb2.ChatEvent:
+    """The next event of a raw stream (the end of the stream is a test failure)."""
+    event = await call.read()
+    assert isinstance(event, chat_pb2.ChatEvent), event
+    return event
 
 
 async def rest(admitted: Admitted | grpc.aio.AioRpcError) -> list[chat_pb2.ChatEvent]:
@@ -209,7 +216,7 @@ async def test_the_limits_hold_across_two_frontends_on_one_redis(
 
 
 async def _bucket_level(client: redis.Redis, caller: str) -> float:
-    level = await client.hget(keys.quota_keys(POOL, caller)[1], "level")
+    level = await client.hget(keys.quota_keys(POOL, caller)[1], "level")  # type: ignore[misc]
     return float(level) if level is not None else float("inf")
 
 
@@ -245,7 +252,7 @@ async def test_a_cancelled_request_gives_back_its_tokens_and_its_place_in_flight
     door = Door(frontend)
     first = await door.start("ka", 80)
     assert isinstance(first, Admitted), first
-    assert (await first.call.read()).delta.sequence == 1  # it runs, and has used tokens
+    assert (await read_event(first.call)).delta.sequence == 1  # it runs, and has used tokens
     await door.stub.CancelChat(chat_pb2.CancelChatRequest(request_id=first.request_id), metadata=bearer("ka"))
     events = await rest(first)
     assert events[-1].error.code == grpc.StatusCode.CANCELLED.value[0]
@@ -301,11 +308,11 @@ async def test_a_request_nobody_ran_stops_counting_in_flight_at_its_deadline(
         metadata=bearer("ka"),
         timeout=1.0,
     )
-    assert (await call.read()).WhichOneof("event") == "started"
+    assert (await read_event(call)).WhichOneof("event") == "started"
     # Its deadline passes with no worker to end it (and settle its quota): a DEADLINE_EXCEEDED
     # event, or the status, whichever comes first.
     with contextlib.suppress(grpc.aio.AioRpcError):
-        ended = await call.read()
+        ended = await read_event(call)
         assert ended.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
     async def admitted() -> bool:
@@ -329,7 +336,7 @@ async def test_a_mesh_header_names_the_caller_at_both_doors(stack: Stack, tmp_pa
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         request = chat_pb2.ChatStreamRequest(request=chat("mesh", max_tokens=3))
         held = stub.ChatStream(request, metadata=(("x-caller", "svc-a"),), timeout=30)
-        assert (await held.read()).WhichOneof("event") == "started"
+        assert (await read_event(held)).WhichOneof("event") == "started"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
             body = {"model": frontend.settings.model_name, "messages": [{"role": "user", "content": "hi"}]}
             response = await http.post(
@@ -341,9 +348,9 @@ async def test_a_mesh_header_names_the_caller_at_both_doors(stack: Stack, tmp_pa
         assert response.status == 429
         assert answer["error"]["code"] == "requests_in_flight"
         other = stub.ChatStream(request, metadata=(("x-caller", "svc-b"),), timeout=30)
-        assert (await other.read()).WhichOneof("event") == "started"
+        assert (await read_event(other)).WhichOneof("event") == "started"
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.ChatStream(request, metadata=(("x-caller", "svc-a"),), timeout=30).read()
+            await read_event(stub.ChatStream(request, metadata=(("x-caller", "svc-a"),), timeout=30))
         assert refused_by_quota(refused.value).subject == "mesh:svc-a"
         held.cancel()
         other.cancel()
