@@ -110,6 +110,22 @@ async def rest(admitted: Admitted | grpc.aio.AioRpcError) -> list[chat_pb2.ChatE
     return events
 
 
+async def post_chat(
+    frontend: Frontend, headers: dict[str, str], max_tokens: int = 5
+) -> tuple[aiohttp.ClientResponse, Any]:
+    """A raw non-streaming chat completion on the HTTP door: its response and JSON body."""
+    body = {
+        "model": frontend.settings.model_name,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+        response = await http.post(
+            f"http://127.0.0.1:{frontend.http_port}/v1/chat/completions", json=body, headers=headers
+        )
+        return response, await response.json()
+
+
 # Each limit, the options that set it, and two max_tokens whose requests cannot both be in (no
 # worker runs, so the first stays queued and in flight; no tokenizer: a request costs max_tokens).
 LIMITS = [
@@ -166,15 +182,7 @@ async def test_the_http_door_answers_429_naming_the_limit_with_retry_after(
     door = Door(frontend)
     first = await door.start("ka", first_tokens)  # the same key over gRPC: one caller, either door
     assert isinstance(first, Admitted), first
-    body = {"model": frontend.settings.model_name, "max_tokens": second_tokens}
-    body["messages"] = [{"role": "user", "content": "hi"}]
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
-        response = await http.post(
-            f"http://127.0.0.1:{frontend.http_port}/v1/chat/completions",
-            json=body,
-            headers={"Authorization": "Bearer ka"},
-        )
-        answer = await response.json()
+    response, answer = await post_chat(frontend, {"Authorization": "Bearer ka"}, max_tokens=second_tokens)
     assert response.status == 429
     assert int(response.headers["Retry-After"]) >= 1
     assert int(response.headers["retry-after-ms"]) > 0
@@ -337,14 +345,7 @@ async def test_a_mesh_header_names_the_caller_at_both_doors(stack: Stack, tmp_pa
         request = chat_pb2.ChatStreamRequest(request=chat("mesh", max_tokens=3))
         held = stub.ChatStream(request, metadata=(("x-caller", "svc-a"),), timeout=30)
         assert (await read_event(held)).WhichOneof("event") == "started"
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
-            body = {"model": frontend.settings.model_name, "messages": [{"role": "user", "content": "hi"}]}
-            response = await http.post(
-                f"http://127.0.0.1:{frontend.http_port}/v1/chat/completions",
-                json=body,
-                headers={"X-Caller": "svc-a"},
-            )
-            answer = await response.json()
+        response, answer = await post_chat(frontend, {"X-Caller": "svc-a"})
         assert response.status == 429
         assert answer["error"]["code"] == "requests_in_flight"
         other = stub.ChatStream(request, metadata=(("x-caller", "svc-b"),), timeout=30)
