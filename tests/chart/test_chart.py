@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from mistral_serve.common import keys
+from mistral_serve.common.quota import Quota
 from mistral_serve.common.telemetry import OTLP_PROTOCOLS
 from mistral_serve.frontend.settings import FrontendSettings
 from mistral_serve.worker.settings import WorkerSettings
@@ -91,6 +92,9 @@ TOGGLES: dict[str, Values] = {
         }
     },
     "auth-off": {"frontend": {"auth": {"enabled": False}}},
+    "quotas": {
+        "frontend": {"quotas": {"default": "rps=5 tpm=200000 inflight=8"}, "callerHeader": "x-caller"}
+    },
     "http-probes": {"frontend": {"probes": {"protocol": "http"}, "httpPort": 8080}},
     "redis-own-secret-and-claim": {
         "redis": {
@@ -520,6 +524,22 @@ def test_auth_off_drops_the_keys_file(chart: helm.Chart) -> None:
     deployment = frontend(render(chart, TOGGLES["auth-off"]))
     assert "MISTRAL_SERVE_API_KEYS_FILE" not in env_of(deployment)
     assert "api-keys" not in volumes_of(deployment)
+
+
+def test_the_default_quota_and_caller_header_reach_the_frontend_as_it_reads_them(
+    chart: helm.Chart, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deployment = frontend(render(chart, TOGGLES["quotas"]))
+    for name in ("MISTRAL_SERVE_DEFAULT_QUOTA", "MISTRAL_SERVE_CALLER_HEADER"):
+        monkeypatch.setenv(name, env_value(deployment, name))
+    settings = FrontendSettings.from_env()
+    assert settings.default_quota == Quota(requests_per_s=5.0, tokens_per_min=200000, max_inflight=8)
+    assert settings.caller_header == "x-caller"
+    defaults = env_of(frontend(render(chart, {})))
+    assert "MISTRAL_SERVE_DEFAULT_QUOTA" not in defaults and "MISTRAL_SERVE_CALLER_HEADER" not in defaults
+    for bad in ({"quotas": {"default": "rpm=5"}}, {"callerHeader": "X Caller"}):
+        with pytest.raises(helm.HelmValuesError):
+            render(chart, {"frontend": bad})
 
 
 def test_mtls_files_come_from_secrets(chart: helm.Chart) -> None:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
 
 from mistral_serve.common import keys
+from mistral_serve.common.quota import Quota
 from mistral_serve.frontend.auth import key_digest
 from mistral_serve.frontend.queue import RequestQueue
 from mistral_serve.queue.v1 import queue_pb2
@@ -118,8 +120,8 @@ async def test_weights_3_to_1_share_the_dispatches_3_to_1(stack: Stack) -> None:
     client = aioredis.Redis.from_url(stack.redis_url)
     queue = admission(client)
     for i in range(300):
-        await queue.admit(queued(f"heavy-{i}", "heavy"), owner="heavy", weight=3.0)
-        await queue.admit(queued(f"light-{i}", "light"), owner="light", weight=1.0)
+        await queue.admit(queued(f"heavy-{i}", "heavy"), owner="heavy", limits=Quota(weight=3.0))
+        await queue.admit(queued(f"light-{i}", "light"), owner="light", limits=Quota(weight=1.0))
     engine = ScriptedEngine(tokens_per_s=0)
     await stack.worker(engine, max_inflight=1, fair_quantum_tokens=500)
     await until(lambda: len(engine.started_ids) >= 200, timeout_s=60)
@@ -133,6 +135,38 @@ async def test_admission_refuses_a_weight_out_of_its_bounds(redis_url: str) -> N
     queue = admission(client)
     for weight in (0.0, -1.0, float("nan"), float("inf"), 1e-9, 1e6):
         with pytest.raises(ValueError, match="weight"):
-            await queue.admit(queued("w", "x"), owner="x", weight=weight)
+            await queue.admit(queued("w", "x"), owner="x", limits=Quota(weight=weight))
     assert await client.llen(keys.waiting_count("default", keys.NORMAL)) == 0  # type: ignore[misc]
     await client.aclose()
+
+
+async def test_weights_from_the_keys_file_share_the_dispatches_3_to_1(stack: Stack, tmp_path: Path) -> None:
+    # The same share end to end: two named keys of the keys file, weight=3 and weight=1, each
+    # queueing 120 streams at the raw stub before a one-slot worker starts.
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(
+        f"{key_digest('heavy')} name=heavy weight=3\n{key_digest('light')} name=light weight=1\n"
+    )
+    frontend = await stack.frontend(api_keys_file=str(keys_file))
+    engine = ScriptedEngine(tokens_per_s=0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{frontend.port}") as channel:
+        heavy, light = Caller(channel, "heavy"), Caller(channel, "light")
+        try:
+            await heavy.send(120)
+            await light.send(120)
+            await stack.worker(engine, max_inflight=1)
+            await until(lambda: len(engine.started_ids) >= 100, timeout_s=60)
+            first = engine.started_ids[:100]
+            share = Counter(
+                "heavy"
+                if rid in set(heavy.request_ids)
+                else "light"
+                if rid in set(light.request_ids)
+                else "?"
+                for rid in first
+            )
+            assert share["?"] == 0
+            assert abs(share["heavy"] / share["light"] - 3.0) <= 0.3, share
+        finally:
+            heavy.stop()
+            light.stop()

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from mistral_serve.common import fair_queue, keys
 from mistral_serve.common.fair_queue import FairTake
+from mistral_serve.common.quota import Quota
 from mistral_serve.common.telemetry import get_tracer
 from mistral_serve.frontend.queue import RequestQueue
 from mistral_serve.queue.v1 import queue_pb2
@@ -92,7 +93,7 @@ class Pool:
             caller=caller,
             cost_tokens=cost,
         )
-        await self.queue.admit(queued, owner=caller, weight=weight)
+        await self.queue.admit(queued, owner=caller, limits=Quota(weight=weight))
 
 
 @pytest.fixture

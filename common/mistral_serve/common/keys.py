@@ -134,6 +134,13 @@ def idempotency_key(pool: str, caller: str, client_request_id: str) -> str:
     return _pool_key(pool, "idem", digest)
 
 
+def quota_keys(pool: str, caller: str) -> list[str]:
+    """A caller's quota state, in the order the admission script reads it: its requests-per-second
+    bucket and its tokens-per-minute bucket (HASHes: level, refill time), and the ZSET of its
+    requests in flight scored by their deadline (ms, Redis's clock). Each expires once idle."""
+    return [_pool_key(pool, "quota", caller, part) for part in ("rps", "tpm", "inflight")]
+
+
 def epoch_key(pool: str) -> str:
     """A random value set once and never expired: a Redis that comes back without it lost its data
     (`epoch.RedisEpoch`)."""

@@ -7,6 +7,11 @@ The caller's identity is put in `CALLER` for the handler (a contextvar of the RP
 - UNAUTHENTICATED: no key, a malformed `authorization` header, or a key the service does not know.
 - PERMISSION_DENIED: a client certificate the CA signed (so the caller is known) whose name is not
   on `MISTRAL_SERVE_TLS_ALLOWED_CLIENT_NAMES`.
+
+With `MISTRAL_SERVE_CALLER_HEADER` set, a request carrying that header is the caller it names
+(`mesh:<value>`), whatever else identified it: a mesh in front that authenticates callers sets it.
+The mesh must strip the header from traffic it did not authenticate, or anyone can name themselves.
+Keys-file lines also give callers their names and quotas (`callers.py`).
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from mistral_serve.common.env import SettingError
+from mistral_serve.common.quota import UNLIMITED, Quota
 
+from .callers import ANONYMOUS, Caller, KeysFile, Listing, parse_keys_file
 from .errors import PermissionDenied, Unauthenticated
 from .gating import Context, gated
 
@@ -40,15 +46,11 @@ PUBLIC_METHOD_PREFIXES = (
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 # How often a keys file is checked for changes (a rotated Kubernetes Secret).
 RELOAD_INTERVAL_S = 5.0
+# A mesh header's value names the caller; anything longer or unprintable is refused.
+_MESH_VALUE = re.compile(r"[!-~]{1,128}")
 
+__all__ = ["ANONYMOUS", "CALLER", "AuthInterceptor", "Caller", "KeyStore", "current_caller", "key_digest"]
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    # "key:<first 16 hex of the key's digest>", "cert:<certificate name>", or "anonymous".
-    identity: str
-
-
-ANONYMOUS = Caller("anonymous")
 CALLER: ContextVar[Caller] = ContextVar("mistral_serve_caller", default=ANONYMOUS)
 
 
@@ -77,26 +79,30 @@ def parse_digests(lines: Iterable[str], source: str) -> frozenset[str]:
 
 
 class KeyStore:
-    """Accepted key digests, from a file (re-read when it changes) and from a list."""
+    """Accepted key digests, from a file (re-read when it changes) and from a list, and what the
+    file's lines say of their callers (names, quotas)."""
 
-    def __init__(self, digests: Iterable[str] = (), path: str | None = None) -> None:
+    def __init__(
+        self, digests: Iterable[str] = (), path: str | None = None, *, default_quota: Quota = UNLIMITED
+    ) -> None:
         self._fixed = parse_digests(digests, "MISTRAL_SERVE_API_KEYS")
         self._path = path
-        self._file: frozenset[str] = frozenset()
+        self._default_quota = default_quota
+        self._file = KeysFile()
         self._mtime: float | None = None
         self._checked = 0.0
         if path is not None:
             self._load()
-        if not self.digests:
+        if not self.digests and not self._file.identities:
             log.error("API keys are configured but none is listed: every call will be refused")
 
     @property
     def digests(self) -> frozenset[str]:
-        return self._fixed | self._file
+        return self._fixed | self._file.keys.keys()
 
     def match(self, key: str) -> str | None:
         """The digest `key` matches, or None. Compares against every digest in constant time."""
-        self._maybe_reload()
+        self.maybe_reload()
         presented = key_digest(key)
         found = None
         for digest in self.digests:
@@ -104,7 +110,19 @@ class KeyStore:
                 found = digest
         return found
 
-    def _maybe_reload(self) -> None:
+    def key_caller(self, digest: str) -> Caller:
+        """The caller a matched key is: its listed name and quota, else `key:<16 hex>`."""
+        listing = self._file.keys.get(digest)
+        if listing is not None and listing.name is not None:
+            return Caller(listing.name, listing.quota, listed=True)
+        return Caller(f"key:{digest[:16]}", None if listing is None else listing.quota)
+
+    def listing(self, identity: str) -> Listing | None:
+        """What the file says of a `cert:`/`mesh:` caller, if it lists it."""
+        self.maybe_reload()
+        return self._file.identities.get(identity)
+
+    def maybe_reload(self) -> None:
         now = time.monotonic()
         if self._path is None or now - self._checked < RELOAD_INTERVAL_S:
             return
@@ -119,22 +137,28 @@ class KeyStore:
         assert self._path is not None
         mtime = os.stat(self._path).st_mtime
         with open(self._path, encoding="utf-8") as file:
-            self._file = parse_digests(file, self._path)
+            self._file = parse_keys_file(file, self._path, default=self._default_quota)
         self._mtime = mtime
         self._checked = time.monotonic()
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(
-        self, keys: KeyStore | None, *, mtls: bool, allowed_client_names: tuple[str, ...] = ()
+        self,
+        keys: KeyStore | None,
+        *,
+        mtls: bool,
+        allowed_client_names: tuple[str, ...] = (),
+        caller_header: str | None = None,
     ) -> None:
         self._keys = keys
         self._mtls = mtls
         self._allowed_names = frozenset(allowed_client_names)
+        self.caller_header = caller_header.lower() if caller_header else None
 
     @property
     def enabled(self) -> bool:
-        return self._keys is not None or self._mtls
+        return self._keys is not None or self._mtls or self.caller_header is not None
 
     async def intercept_service(
         self,
@@ -148,21 +172,46 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             or handler_call_details.method.startswith(PUBLIC_METHOD_PREFIXES)
         ):
             return handler
-        authorization = _header(handler_call_details.invocation_metadata, "authorization")
+        metadata = handler_call_details.invocation_metadata
+        authorization = _header(metadata, "authorization")
+        mesh = _header(metadata, self.caller_header) if self.caller_header else None
 
         async def gate(request: Any, context: Context) -> None:
-            CALLER.set(self.authenticate(authorization, context.auth_context()))
+            CALLER.set(self.authenticate(authorization, context.auth_context(), mesh))
 
         return gated(handler, gate)
 
-    def authenticate(self, authorization: str | None, auth_context: Mapping[str, Iterable[bytes]]) -> Caller:
-        """The caller these credentials identify; raises Unauthenticated or PermissionDenied."""
+    def authenticate(
+        self, authorization: str | None, auth_context: Mapping[str, Iterable[bytes]], mesh: str | None = None
+    ) -> Caller:
+        """The caller these credentials identify; raises Unauthenticated or PermissionDenied.
+
+        `mesh` is the caller header's value (when the header is configured): it names the caller
+        once the other credentials configured passed."""
         caller = ANONYMOUS
         if self._mtls:
             caller = self._certificate_caller(auth_context)
-        if self._keys is not None:
-            caller = Caller(f"key:{self._key_digest(authorization)[:16]}")
+        if self._keys is not None and self._keys_required():
+            caller = self._keys.key_caller(self._key_digest(authorization))
+        if mesh is not None:
+            if not _MESH_VALUE.fullmatch(mesh):
+                raise Unauthenticated(
+                    f"the {self.caller_header} header must be 1-128 printable characters without spaces"
+                )
+            caller = self._listed(f"mesh:{mesh}")
         return caller
+
+    def _keys_required(self) -> bool:
+        """Keys are asked for when the keys file or list holds one, or when nothing else vouches for
+        callers: a file of only `cert:`/`mesh:` lines gives certificates or mesh callers their
+        quotas without asking for keys, and refuses everyone on its own."""
+        assert self._keys is not None
+        self._keys.maybe_reload()
+        return bool(self._keys.digests) or not (self._mtls or self.caller_header)
+
+    def _listed(self, identity: str) -> Caller:
+        listing = None if self._keys is None else self._keys.listing(identity)
+        return Caller(identity, None if listing is None else listing.quota, listed=listing is not None)
 
     def _key_digest(self, authorization: str | None) -> str:
         assert self._keys is not None
@@ -188,7 +237,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise Unauthenticated("this service needs a client certificate (mTLS)")
         if self._allowed_names and not self._allowed_names.intersection(names):
             raise PermissionDenied(f"client certificate {names[0]!r} may not call this service")
-        return Caller(f"cert:{names[0]}")
+        return self._listed(f"cert:{names[0]}")
 
 
 def _header(metadata: Any, name: str) -> str | None:

@@ -73,9 +73,35 @@ class QueueFull(ServiceError):
         super().__init__(f"the queue holds its bound of {backlog_bound} requests; retry later")
 
     def details(self) -> list[Any]:
-        delay = duration_pb2.Duration()
-        delay.FromMilliseconds(int(self.retry_after_s * 1000))
-        return [error_details_pb2.RetryInfo(retry_delay=delay)]
+        return [_retry_info(self.retry_after_s)]
+
+
+def _retry_info(delay_s: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(int(delay_s * 1000))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+class QuotaExceeded(ServiceError):
+    """A caller reached one of its quota's limits (`common/quota.py`); `retry_after_s` until it lets
+    this request in (for requests in flight: a guess, as when a request ends is not known)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, caller: str, limit: str, retry_after_s: float) -> None:
+        self.caller = caller
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self.description = f"the caller's {limit} quota is used up"
+        super().__init__(f"{self.description}; retry in {retry_after_s:.3f}s")
+
+    def details(self) -> list[Any]:
+        failure = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=self.caller, description=self.description)
+            ]
+        )
+        return [failure, _retry_info(self.retry_after_s)]
 
 
 class NotFound(ServiceError):

@@ -1,5 +1,9 @@
 """The frontend's Prometheus metrics: requests by outcome and code, their duration and time to first
-delta, in-flight RPCs, admissions, and the pool's queue depth, lag and oldest wait.
+delta, in-flight RPCs, admissions (by band, and by caller with the tokens charged), and the pool's
+queue depth, lag and oldest wait.
+
+Per-caller series are labelled by the caller's name when the keys file lists it and `other`
+otherwise (`Caller.metric_label`), so unlisted callers cannot grow the series without bound.
 
 Each frontend has its own registry (so in-process test stacks never share series); `/metrics`
 serves it together with the process-wide default registry.
@@ -59,7 +63,7 @@ class FrontendMetrics:
         )
         self.admissions = Counter(
             "mistral_serve_queue_admissions",
-            "Admission attempts by priority band and result (admitted, full, unavailable).",
+            "Admission attempts by priority band and result (admitted, full, quota, unavailable).",
             ["pool", "band", "result"],
             registry=r,
         )
@@ -82,8 +86,27 @@ class FrontendMetrics:
             registry=r,
         )
 
+        self.caller_admissions = Counter(
+            "mistral_serve_caller_admissions",
+            "Admission attempts by caller (listed name or `other`) and result: admitted, full, or the"
+            " quota limit that refused it (requests_per_second, tokens_per_minute, requests_in_flight).",
+            ["pool", "caller", "result"],
+            registry=r,
+        )
+        self.caller_tokens_charged = Counter(
+            "mistral_serve_caller_tokens_charged",
+            "Tokens charged at admission by caller (prompt plus max_tokens; workers true them up).",
+            ["pool", "caller"],
+            registry=r,
+        )
+
     def admitted(self, band: str, result: str) -> None:
         self.admissions.labels(self.pool, band, result).inc()
+
+    def caller_admitted(self, caller: str, result: str, cost_tokens: int) -> None:
+        self.caller_admissions.labels(self.pool, caller, result).inc()
+        if cost_tokens:
+            self.caller_tokens_charged.labels(self.pool, caller).inc(cost_tokens)
 
 
 async def sample_queue(client: redis.Redis, metrics: FrontendMetrics, interval_s: float) -> None:

@@ -21,8 +21,10 @@ from typing import TypeAlias
 from google.rpc import code_pb2
 
 from mistral_serve.common.contract import error_event
+from mistral_serve.common.quota import Quota
 from mistral_serve.v1 import chat_pb2
 
+from .callers import Caller
 from .errors import BackendUnavailable, FieldViolation, InvalidRequest, NotConfigured, NotFound
 from .fanout import EventFanout, Owner, Subscription, lost_event
 from .idempotency import Idempotency, fingerprint
@@ -66,10 +68,14 @@ class ChatPipeline:
         """The absolute deadline of a call with `remaining_s` left (None: the service's default)."""
         return time.time() + (self._settings.default_deadline_s if remaining_s is None else remaining_s)
 
-    async def chat(self, request: chat_pb2.ChatRequest, *, caller: str, deadline: float) -> EventStream:
-        """Check and queue `request`; its events, `started` first. Raises a ServiceError if refused."""
+    async def chat(self, request: chat_pb2.ChatRequest, *, caller: Caller, deadline: float) -> EventStream:
+        """Check and queue `request` as `caller`'s; its events, `started` first. Raises a
+        ServiceError if refused (QuotaExceeded when the caller is at a limit of its quota)."""
         admitted = await self._front_door(request)
-        return await self._run(request, admitted, caller, deadline)
+        limits = caller.quota if caller.quota is not None else self._settings.default_quota
+        _check_cost_fits(admitted.queued.cost_tokens, limits)
+        admitted.queued.caller = caller.identity
+        return await self._run(request, admitted, caller, limits, deadline)
 
     async def reattach(
         self, request_id: str, last_sequence: int, *, caller: str, deadline: float
@@ -125,10 +131,16 @@ class ChatPipeline:
         )
 
     async def _run(
-        self, original: chat_pb2.ChatRequest, form: FrontDoorRequest, caller: str, deadline: float
+        self,
+        original: chat_pb2.ChatRequest,
+        form: FrontDoorRequest,
+        who: Caller,
+        limits: Quota,
+        deadline: float,
     ) -> EventStream:
-        """Queue `form`; `original` is what the caller sent: a repeat of its client_request_id
-        follows the first run instead."""
+        """Queue `form` within `limits`; `original` is what the caller sent: a repeat of its
+        client_request_id follows the first run instead."""
+        caller = who.identity
         request_id = uuid.uuid4().hex
         claim = None
         if self._idempotency is not None and original.client_request_id:
@@ -141,10 +153,9 @@ class ChatPipeline:
         queued.deadline_unix = deadline
         queued.admitted_unix = time.time()
         queued.attempt = 1
-        queued.caller = queued.caller or caller
         sub = self._fanout.open(request_id, owner=Owner(caller, deadline + self._settings.event_ttl_s))
         try:
-            await self._queue.admit(queued, owner=caller)
+            await self._queue.admit(queued, owner=caller, limits=limits, caller_label=who.metric_label)
         except BaseException:
             self._fanout.close(sub)
             if claim is not None and self._idempotency is not None:
@@ -200,6 +211,20 @@ class ChatPipeline:
             await self._queue.cancel(request_id)
         except Exception:
             log.warning("could not mark request %s cancelled", request_id, exc_info=True)
+
+
+def _check_cost_fits(cost_tokens: int, limits: Quota) -> None:
+    """Refuse a request that costs more than its caller's bucket ever holds: no wait would let it in."""
+    if limits.tokens_per_min is not None and cost_tokens > limits.tokens_per_min:
+        raise InvalidRequest(
+            [
+                FieldViolation(
+                    "sampling.max_tokens",
+                    f"the request may use {cost_tokens} tokens (prompt and max_tokens), over the "
+                    f"caller's quota of {limits.tokens_per_min} tokens per minute: lower max_tokens",
+                )
+            ]
+        )
 
 
 class EventStream:

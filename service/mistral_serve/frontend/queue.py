@@ -7,25 +7,26 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from redis.exceptions import RedisError
 
-from mistral_serve.common import fair_queue, keys
+from mistral_serve.common import fair_queue, keys, quota
 from mistral_serve.common.logs import bind_request_id
 from mistral_serve.common.redis_client import ReplicaWait
 from mistral_serve.common.telemetry import get_tracer
 from mistral_serve.common.tracecontext import inject_into
 from mistral_serve.queue.v1 import queue_pb2
 
-from .errors import BackendUnavailable, QueueFull
+from .callers import OTHER
+from .errors import BackendUnavailable, QueueFull, QuotaExceeded
 from .metrics import FrontendMetrics
 
-# Admission is one atomic step so that concurrent frontends never push the backlog past its bound.
-# The backlog is the pool's waiting requests (the bands' waiting counts, fair_queue.py) plus its
-# running ones (the band streams' lengths: workers delete entries once they are done with them).
-# KEYS: the band streams, the waiting counts, this frontend's wake stream, the request's owner and
-# attached keys, then `fair_queue.enqueue_keys`. The frontend wake entry breaks this frontend's
-# blocked event reader; the owner and attached keys are set with the entry, never after.
-_ADMIT = (
-    fair_queue.ENQUEUE
-    + """
+# Admission is one atomic step so that concurrent frontends never push the backlog past its bound
+# nor a caller past its quota. The backlog is the pool's waiting requests (the bands' waiting counts,
+# fair_queue.py) plus its running ones (the band streams' lengths: workers delete entries once they
+# are done with them). KEYS: the band streams, the waiting counts, this frontend's wake stream, the
+# request's owner and attached keys, then `fair_queue.enqueue_keys`, then the caller's quota keys
+# (`quota.admission_keys`, last: its fragments read them from the end). The frontend wake entry breaks
+# this frontend's blocked event reader; the owner and attached keys are set with the entry, never
+# after. The quota is checked first and charged only once the backlog bound let the request in.
+_BACKLOG_CHECK = """
 local backlog = 0
 for i = 1, 6 do
   backlog = backlog + (i <= 3 and redis.call('XLEN', KEYS[i]) or redis.call('LLEN', KEYS[i]))
@@ -33,6 +34,8 @@ end
 if backlog >= tonumber(ARGV[1]) then
   return false
 end
+"""
+_ENQUEUE = """
 fair_enqueue(KEYS[10], KEYS[11], KEYS[12], KEYS[13], KEYS[14], ARGV[7], ARGV[8], ARGV[2], ARGV[6])
 redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 'w', '1')
 redis.call('EXPIRE', KEYS[7], 3600)
@@ -40,7 +43,7 @@ redis.call('SET', KEYS[8], ARGV[3], 'EX', ARGV[4])
 redis.call('SET', KEYS[9], '1', 'PX', ARGV[5])
 return backlog + 1
 """
-)
+_ADMIT = fair_queue.ENQUEUE + quota.ADMIT_CHECK + _BACKLOG_CHECK + quota.ADMIT_CHARGE + _ENQUEUE
 
 
 def admission_bound(max_backlog: int, band: str) -> int:
@@ -83,14 +86,24 @@ class RequestQueue:
         self._tracer = tracer or get_tracer()
         self._metrics = metrics
 
-    async def admit(self, queued: queue_pb2.QueuedRequest, *, owner: str, weight: float = 1.0) -> None:
-        """Queue `queued` in its priority band, or raise QueueFull when the band's bound is reached.
+    async def admit(
+        self,
+        queued: queue_pb2.QueuedRequest,
+        *,
+        owner: str,
+        limits: quota.Quota = quota.UNLIMITED,
+        caller_label: str = OTHER,
+    ) -> None:
+        """Queue `queued` in its priority band, or raise QueueFull when the band's bound is reached
+        and QuotaExceeded when its caller (`queued.caller`) is at one of `limits`.
 
         It waits among the requests of its caller (`queued.caller`, else `owner`), served in turn
-        with the band's other callers in proportion to `weight`, by `queued.cost_tokens`.
+        with the band's other callers in proportion to `limits.weight`, by `queued.cost_tokens`.
         `owner` (the caller's identity) alone may reattach to or cancel it, for as long as its events
-        are kept: until its deadline plus the event retention.
+        are kept: until its deadline plus the event retention. `caller_label` names the caller in
+        the metrics.
         """
+        weight = limits.weight
         if not fair_queue.MIN_WEIGHT <= weight <= fair_queue.MAX_WEIGHT:
             raise ValueError(
                 f"a caller's weight must be from {fair_queue.MIN_WEIGHT} to {fair_queue.MAX_WEIGHT}, "
@@ -109,6 +122,7 @@ class RequestQueue:
             keys.owner_key(self._pool, request_id),
             keys.attached_key(self._pool, request_id),
             *fair_queue.enqueue_keys(self._pool, band, caller),
+            *quota.admission_keys(self._pool, caller),
         ]
         args: list[bytes | str | int | float] = [
             bound,
@@ -119,6 +133,13 @@ class RequestQueue:
             keys.WAKE_MAXLEN,
             caller,
             repr(float(weight)),
+            *quota.admission_args(
+                limits,
+                cost_tokens=queued.cost_tokens,
+                request_id=request_id,
+                deadline_ms=int((queued.deadline_unix - queued.admitted_unix) * 1000),
+                in_flight_retry_ms=int(self._retry_after_s * 1000),
+            ),
         ]
         try:
             if self._replica_wait.replicas <= 0:
@@ -130,15 +151,23 @@ class RequestQueue:
                     # Replicated before the caller learns the request id, so a failover cannot lose it.
                     self._replica_wait.add_to(pipe)
                     position, acked = await pipe.execute()
-                if position is not None:
+                if position is not None and quota.refusal(position) is None:
                     self._replica_wait.check(acked, f"admission of {request_id}")
         except RedisError as exc:
             self._end_producer(span, band, "unavailable", error=exc)
             raise BackendUnavailable(f"the queue is unreachable: {exc}") from exc
+        refused = quota.refusal(position)
+        if refused is not None:
+            error = QuotaExceeded(caller, refused.limit, refused.retry_ms / 1000)
+            self._end_producer(span, band, "quota", error=error)
+            self._caller_metrics(caller_label, refused.limit)
+            raise error
         if position is None:
             self._end_producer(span, band, "full")
+            self._caller_metrics(caller_label, "full")
             raise QueueFull(bound, self._retry_after_s)
         self._end_producer(span, band, "admitted")
+        self._caller_metrics(caller_label, "admitted", queued.cost_tokens)
 
     def _start_producer(self, queued: queue_pb2.QueuedRequest, band: str) -> Span:
         """The PRODUCER span of this admission, its context written into `queued` for the worker."""
@@ -166,6 +195,10 @@ class RequestQueue:
         span.end()
         if self._metrics is not None:
             self._metrics.admitted(band, result)
+
+    def _caller_metrics(self, label: str, result: str, cost_tokens: int = 0) -> None:
+        if self._metrics is not None:
+            self._metrics.caller_admitted(label, result, cost_tokens)
 
     async def cancel(self, request_id: str) -> None:
         """Mark `request_id` cancelled: a flag for a worker yet to start it, a message for one running it."""

@@ -208,11 +208,12 @@ def auth_interceptor(settings: FrontendSettings) -> AuthInterceptor:
     """Keys when a keys file or list is configured (even an empty one: then every call is refused)."""
     keys = None
     if settings.api_keys_file or settings.api_keys:
-        keys = KeyStore(settings.api_keys, settings.api_keys_file)
+        keys = KeyStore(settings.api_keys, settings.api_keys_file, default_quota=settings.default_quota)
     return AuthInterceptor(
         keys,
         mtls=settings.tls_client_ca_file is not None,
         allowed_client_names=settings.tls_allowed_client_names,
+        caller_header=settings.caller_header,
     )
 
 

@@ -25,13 +25,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ChatStream(
         self, request: chat_pb2.ChatStreamRequest, context: Context
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
-        caller = current_caller().identity
+        caller = current_caller()
         deadline = self._pipeline.deadline(context.time_remaining())
         if request.WhichOneof("kind") == "reattach":
             reattach = request.reattach
             with fields_under("reattach."):
                 events = await self._pipeline.reattach(
-                    reattach.request_id, reattach.last_sequence, caller=caller, deadline=deadline
+                    reattach.request_id, reattach.last_sequence, caller=caller.identity, deadline=deadline
                 )
         else:
             with fields_under("request."):
@@ -50,7 +50,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     @unary_errors
     async def Chat(self, request: chat_pb2.ChatRequest, context: Context) -> chat_pb2.ChatResponse:
         deadline = self._pipeline.deadline(context.time_remaining())
-        events = await self._pipeline.chat(request, caller=current_caller().identity, deadline=deadline)
+        events = await self._pipeline.chat(request, caller=current_caller(), deadline=deadline)
         response = chat_pb2.ChatResponse()
         text: list[str] = []
         with contextlib.closing(events):

@@ -15,7 +15,10 @@ from mistral_serve.common.env import (
     env_port_or_off,
     env_str,
 )
+from mistral_serve.common.quota import UNLIMITED, Quota
 from mistral_serve.common.settings import SharedSettings
+
+from .callers import parse_default_quota
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ class FrontendSettings(SharedSettings):
     api_keys_file: str | None = None
     # The same digests, comma-separated, for an env-only setup; merged with the file's.
     api_keys: tuple[str, ...] = ()
+    # Quota of callers the keys file does not list, and the base of those it lists
+    # (`rps=5 tpm=200000 inflight=8 weight=1`, each optional; empty: no limit). See callers.py.
+    default_quota: Quota = UNLIMITED
+    # A header that names the caller (`mesh:<value>`), set by a mesh that authenticates callers and
+    # strips it from outside traffic; unset: no such header is trusted.
+    caller_header: str | None = None
     # Server certificate and key (PEM): TLS on when both are set.
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -142,6 +151,8 @@ class FrontendSettings(SharedSettings):
             ),
             api_keys_file=env_opt_str("API_KEYS_FILE"),
             api_keys=_env_list("API_KEYS"),
+            default_quota=parse_default_quota(env_opt_str("DEFAULT_QUOTA")),
+            caller_header=env_opt_str("CALLER_HEADER"),
             tls_cert_file=env_opt_str("TLS_CERT_FILE"),
             tls_key_file=env_opt_str("TLS_KEY_FILE"),
             tls_client_ca_file=env_opt_str("TLS_CLIENT_CA_FILE"),

@@ -19,7 +19,7 @@ import redis.asyncio as redis
 from google.rpc import code_pb2
 from redis.exceptions import RedisError, ResponseError
 
-from mistral_serve.common import keys, retry
+from mistral_serve.common import keys, quota, retry
 from mistral_serve.common.contract import error_event
 from mistral_serve.common.event_log import read_records
 from mistral_serve.common.fair_queue import Entry, FairTake
@@ -201,6 +201,7 @@ class Consumer:
             return
         if terminal is not None:
             await self._writer.emit_final(job.request_id, terminal)
+            await quota.settle(self._redis, self.pool, job.queued, terminal)
             self._telemetry.metrics.job_ended(terminal)
         await self._ack(job.ref)
 

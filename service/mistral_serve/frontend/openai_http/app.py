@@ -97,7 +97,7 @@ class HttpDoor:
                 model = self._model(parsed.model)
                 names = parsed.names
                 deadline = self._pipeline.deadline(None)
-                events = await self._pipeline.chat(parsed.request, caller=caller.identity, deadline=deadline)
+                events = await self._pipeline.chat(parsed.request, caller=caller, deadline=deadline)
                 if parsed.stream:
                     return await self._stream(request, call, events, model, parsed.include_usage)
                 return await self._gather(call, events, model)
@@ -152,7 +152,12 @@ class HttpDoor:
     def _caller(self, request: web.Request) -> Caller:
         if not self._auth.enabled:
             return ANONYMOUS
-        return self._auth.authenticate(request.headers.get("Authorization"), _auth_context(request))
+        header = self._auth.caller_header
+        return self._auth.authenticate(
+            request.headers.get("Authorization"),
+            _auth_context(request),
+            request.headers.get(header) if header else None,
+        )
 
     def _model(self, asked: str | None) -> str:
         if asked is None:

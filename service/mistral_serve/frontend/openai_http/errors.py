@@ -2,7 +2,9 @@
 
 `{"error": {"message", "type", "param", "code"}}`, `param` in OpenAI's naming. Refusals a retry
 cannot help carry `x-should-retry: false` (the openai client then does not retry); a full queue
-carries `Retry-After` and `retry-after-ms`, which the openai client waits for before its retry.
+carries `Retry-After` and `retry-after-ms`, which the openai client waits for before its retry; so
+does a caller over its quota, whose `code` names the limit (`requests_per_second`,
+`tokens_per_minute`, `requests_in_flight`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from google.rpc import code_pb2
 
 from mistral_serve.v1 import chat_pb2
 
-from ..errors import InvalidRequest, QueueFull, ServiceError
+from ..errors import InvalidRequest, QueueFull, QuotaExceeded, ServiceError
 from .requests import OpenAINames
 
 log = logging.getLogger(__name__)
@@ -78,10 +80,10 @@ def from_service_error(error: ServiceError, names: OpenAINames | None = None) ->
     elif status == 401:
         code = "invalid_api_key"
     headers = {} if retryable else {"x-should-retry": "false"}
-    if isinstance(error, QueueFull):
+    if isinstance(error, QueueFull | QuotaExceeded):
         headers["retry-after"] = str(max(1, math.ceil(error.retry_after_s)))
         headers["retry-after-ms"] = str(int(error.retry_after_s * 1000))
-        code = "queue_full"
+        code = error.limit if isinstance(error, QuotaExceeded) else "queue_full"
     return HttpError(status, error_body(message, kind, param=param, code=code), headers)
 
 
