@@ -34,6 +34,7 @@ if __package__ in (None, ""):
 from bench import prompts
 from bench.common import percentile, require_loopback
 from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
+from mistral_serve.worker.engine import Engine, EngineRequest
 
 OK = "OK"
 CUT = "CUT"
@@ -207,6 +208,21 @@ def grpc_streamer(channels: list[grpc.aio.Channel], *, api_key: str | None = Non
             raise CallFailed(exc.code().name) from None
         finally:
             call.cancel()
+
+    return stream
+
+
+def engine_streamer(engine: Engine) -> Streamer:
+    """Streams straight from an engine in this process (the direct side of a comparison): no server,
+    no queue; each request gets its own id."""
+    counter = 0
+
+    async def stream(request: chat_pb2.ChatRequest, deadline_s: float) -> AsyncIterator[int]:
+        nonlocal counter
+        counter += 1
+        async for out in engine.generate(EngineRequest(f"direct-{counter}", request)):
+            if out.token_ids:
+                yield len(out.token_ids)
 
     return stream
 

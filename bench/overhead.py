@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +33,17 @@ from bench.common import (
     write_json,
     write_table,
 )
-from bench.loadgen import LoadResult, LoadSpec, grpc_streamer, open_channels, run_load
+from bench.loadgen import LoadResult, LoadSpec, engine_streamer, grpc_streamer, open_channels, run_load
 from bench.plots import plot_bars
 from bench.profiling import print_profiles, profile_pids
 from bench.stepped_engine import SteppedEngine
-from mistral_serve.v1 import chat_pb2
-from mistral_serve.worker.engine import EngineRequest
 
 
 async def run_direct(spec: LoadSpec, rate: float, tokens: int) -> LoadResult:
     engine = SteppedEngine(tokens_per_s=rate, default_tokens=tokens)
     await engine.start()
-    counter = 0
-
-    async def stream(request: chat_pb2.ChatRequest, deadline_s: float) -> AsyncIterator[int]:
-        nonlocal counter
-        counter += 1
-        async for out in engine.generate(EngineRequest(f"direct-{counter}", request)):
-            yield len(out.token_ids)
-
     try:
-        return await run_load(stream, spec, progress=sys.stderr.isatty(), label="direct")
+        return await run_load(engine_streamer(engine), spec, progress=sys.stderr.isatty(), label="direct")
     finally:
         await engine.shutdown()
 

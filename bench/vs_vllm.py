@@ -49,7 +49,15 @@ from bench.common import (
     write_json,
     write_table,
 )
-from bench.loadgen import CallFailed, LoadSpec, Streamer, grpc_streamer, open_channels, run_load
+from bench.loadgen import (
+    CallFailed,
+    LoadSpec,
+    Streamer,
+    engine_streamer,
+    grpc_streamer,
+    open_channels,
+    run_load,
+)
 from bench.plots import plot_bars
 from bench.profiling import Profiling, print_profiles, profile_pids
 from mistral_serve.v1 import chat_pb2
@@ -279,20 +287,11 @@ def side_row(side: str, n: int, summary: dict[str, Any], cpu: dict[str, float]) 
 async def measure_direct(args: argparse.Namespace, make_spec: Any) -> list[dict[str, Any]]:
     """The ceiling: the worker's own engine (vLLM's AsyncLLM, its engine core a child process) driven
     from this process, no server, no queue; all concurrencies on one engine start."""
-    from mistral_serve.worker.engine import EngineRequest
     from mistral_serve.worker.vllm_engine import VllmEngine
 
     engine = VllmEngine.from_env()
     await engine.start()
-    counter = 0
-
-    async def stream(request: chat_pb2.ChatRequest, deadline_s: float) -> AsyncIterator[int]:
-        nonlocal counter
-        counter += 1
-        async for out in engine.generate(EngineRequest(f"direct-{counter}", request)):
-            if out.token_ids:
-                yield len(out.token_ids)
-
+    stream = engine_streamer(engine)
     rows = []
     label = SIDES["direct"]
     try:

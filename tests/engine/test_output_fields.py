@@ -21,9 +21,18 @@ from tests.engine.session_engine import session_stack
 from tests.engine.vllm_reference import LOGPROBS_RUN, LOGPROBS_SAMPLING
 from tests.support import raw_stream
 from tests.support.raw_stream import raw_events
+from tests.support.waiting import until
+
+
+async def alone_on(engine: VllmEngine) -> None:
+    """Wait until the shared engine runs nothing else: a request an earlier test left running (a
+    detached stream in its grace) would share the batch, and batched CPU kernels round differently,
+    enough to move a logprob by more than the tolerance."""
+    await until(lambda: engine.running_count() == 0, timeout_s=120)
 
 
 async def run(engine: VllmEngine, request_id: str, chat: chat_pb2.ChatRequest) -> list[EngineOutput]:
+    await alone_on(engine)
     return [out async for out in engine.generate(EngineRequest(request_id, chat))]
 
 
@@ -102,6 +111,7 @@ def test_min_tokens_is_clamped_to_max_tokens_and_reduced_by_a_resume() -> None:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def stack(engine: VllmEngine, redis_url: str) -> AsyncIterator[Frontend]:
+    await alone_on(engine)
     async with session_stack(engine, redis_url) as frontend:
         yield frontend
 
