@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from mistral_serve.common import keys
+from mistral_serve.frontend import auth
 from mistral_serve.frontend.auth import key_digest
 from mistral_serve.frontend.server import Frontend
 from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
@@ -355,3 +357,30 @@ async def test_a_mesh_header_names_the_caller_at_both_doors(stack: Stack, tmp_pa
         assert refused_by_quota(refused.value).subject == "mesh:svc-a"
         held.cancel()
         other.cancel()
+
+
+async def test_a_quota_changed_in_the_keys_file_holds_once_the_file_is_reread(
+    stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rotated Secret: team-a's in-flight limit goes from 1 to 2, and the next admission uses it.
+    path = keys_file(tmp_path, f"{key_digest('ka')} name=team-a inflight=1")
+    frontend = await stack.frontend(api_keys_file=path)
+    door = Door(frontend)
+
+    async def start_over_the_limit() -> None:
+        over = await door.start("ka")
+        assert isinstance(over, grpc.aio.AioRpcError), over
+        assert "requests_in_flight" in refused_by_quota(over).description
+
+    first = await door.start("ka")
+    assert isinstance(first, Admitted), first
+    await start_over_the_limit()
+    keys_file(tmp_path, f"{key_digest('ka')} name=team-a inflight=2")
+    os.utime(path, (1, 1))  # a different mtime, as a Secret update gives
+    monkeypatch.setattr(auth, "RELOAD_INTERVAL_S", 0.0)
+    second = await door.start("ka")
+    assert isinstance(second, Admitted), second
+    await start_over_the_limit()
+    for admitted in (first, second):
+        admitted.call.cancel()
+    await door.channel.close()
