@@ -191,7 +191,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         caller = ANONYMOUS
         if self._mtls:
             caller = self._certificate_caller(auth_context)
-        if self._keys is not None and self._keys_required():
+        if self._keys is not None and self.keys_required():
             caller = self._keys.key_caller(self._key_digest(authorization))
         if mesh is not None:
             if not _MESH_VALUE.fullmatch(mesh):
@@ -201,11 +201,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             caller = self._listed(f"mesh:{mesh}")
         return caller
 
-    def _keys_required(self) -> bool:
+    def keys_required(self) -> bool:
         """Keys are asked for when the keys file or list holds one, or when nothing else vouches for
         callers: a file of only `cert:`/`mesh:` lines gives certificates or mesh callers their
         quotas without asking for keys, and refuses everyone on its own."""
-        assert self._keys is not None
+        if self._keys is None:
+            return False
         self._keys.maybe_reload()
         return bool(self._keys.digests) or not (self._mtls or self.caller_header)
 

@@ -172,7 +172,7 @@ async def start_frontend(
         settings.pool,
         "on" if credentials else "off",
         "required" if settings.tls_client_ca_file else "off",
-        "required" if settings.api_keys_file or settings.api_keys else "off",
+        "required" if auth.keys_required() else "listed for quotas" if settings.api_keys_file else "off",
         "on" if fetcher else "off",
     )
     if (settings.api_keys_file or settings.api_keys) and credentials is None:
