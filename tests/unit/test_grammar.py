@@ -26,11 +26,14 @@ def builder() -> PromptBuilder:
     return PromptBuilder.from_model(str(ensure_tiny_model(text_only=True)))
 
 
-def grammar(builder: PromptBuilder, compact: bool = True, **fields: object) -> str | None:
+def grammar(
+    builder: PromptBuilder, compact: bool = True, enforce_auto: bool = True, **fields: object
+) -> str | None:
     chat = R.ChatRequest(messages=[R.Message(role=R.ROLE_USER, content=[R.ContentPart(text="hi")])], **fields)  # type: ignore[arg-type]
     built = builder.build(chat)
     assert built.request is not None
-    return GrammarBuilder(builder.tokenizer, compact_json=compact).grammar(chat, built.request)
+    grammars = GrammarBuilder(builder.tokenizer, compact_json=compact, enforce_auto_tool_calls=enforce_auto)
+    return grammars.grammar(chat, built.request)
 
 
 def fcalls(g: str) -> str:
@@ -39,6 +42,23 @@ def fcalls(g: str) -> str:
 
 def test_plain_text_without_tools_needs_no_grammar(builder: PromptBuilder) -> None:
     assert grammar(builder) is None
+
+
+def test_auto_with_tools_is_enforced_unless_switched_off_and_forced_choices_always_are(
+    builder: PromptBuilder,
+) -> None:
+    auto = R.ToolChoice(mode=Mode.MODE_AUTO)
+    assert grammar(builder, tools=TOOLS) is not None
+    assert grammar(builder, tools=TOOLS, tool_choice=auto) is not None
+    assert grammar(builder, enforce_auto=False, tools=TOOLS) is None
+    assert grammar(builder, enforce_auto=False, tools=TOOLS, tool_choice=auto) is None
+    # Off only frees auto mode: a forced call, text-only and a JSON answer stay enforced.
+    for forced in (
+        {"tool_choice": R.ToolChoice(mode=Mode.MODE_ANY)},
+        {"tool_choice": R.ToolChoice(mode=Mode.MODE_NONE)},
+        {"response_format": R.ResponseFormat(type=R.ResponseFormat.TYPE_JSON_OBJECT)},
+    ):
+        assert grammar(builder, enforce_auto=False, tools=TOOLS, **forced) is not None, forced
 
 
 def test_any_pins_the_request_s_tools_and_their_schemas(builder: PromptBuilder) -> None:

@@ -61,12 +61,14 @@ class GrammarBuilder:
         compact_json: bool = True,
         json_max_string: int | None = None,
         json_max_depth: int | None = None,
+        enforce_auto_tool_calls: bool = True,
     ) -> None:
         # Tekken v11+ only (the tokenizers with [ARGS]); older ones get no grammar, as in vLLM.
         self._factory = GrammarFactory(tokenizer) if GrammarFactory.is_supported(tokenizer) else None
         self._template = self._factory.select_jinja_template() if self._factory is not None else ""
         self._compact_json = compact_json
         self._any_object = any_object(json_max_string, json_max_depth)
+        self._enforce_auto = enforce_auto_tool_calls
 
     @property
     def supported(self) -> bool:
@@ -74,7 +76,7 @@ class GrammarBuilder:
 
     def grammar(self, chat: chat_pb2.ChatRequest, request: ChatCompletionRequest[Any]) -> str | None:
         """The grammar for `chat`, whose mistral_common form (prompt builder's) is `request`."""
-        if self._factory is None:
+        if self._factory is None or (not self._enforce_auto and _free_text_or_calls(chat)):
             return None
         constrained = request.model_copy(
             update={
@@ -134,6 +136,13 @@ def any_object(max_string: int | None = None, max_depth: int | None = None) -> d
     for _ in range(max_depth - 1):  # from the innermost level out
         value = {"anyOf": [*scalar, *containers(value)]}
     return containers(value)[1]
+
+
+def _free_text_or_calls(chat: chat_pb2.ChatRequest) -> bool:
+    """Tool choice auto with a text answer: the model may write text or calls, nothing is forced."""
+    auto = chat.tool_choice.mode in (chat_pb2.ToolChoice.MODE_UNSPECIFIED, chat_pb2.ToolChoice.MODE_AUTO)
+    text = chat.response_format.type in (Format.TYPE_UNSPECIFIED, Format.TYPE_TEXT)
+    return auto and text
 
 
 def parallel_tool_calls(chat: chat_pb2.ChatRequest) -> bool:

