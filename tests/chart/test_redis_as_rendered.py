@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from mistral_serve.common import keys
 from mistral_serve.common.redis_client import RedisConnection, connect, refuse_evicting_redis
 from tests.chart.test_chart import CHART_DIR, FULLNAME, container, one, render
 from tests.conftest import free_port
+from tests.support.waiting import until_sync
 
 PASSWORD = "s3cret-from-the-secret"
 
@@ -50,15 +50,12 @@ def command_line(args: list[str], port: int, data_dir: Path) -> list[str]:
 def start(argv: list[str], port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     client = redis.Redis(port=port, password=PASSWORD)
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        try:
-            if client.ping():
-                return process
-        except redis.ConnectionError:
-            time.sleep(0.025)
-    process.kill()
-    pytest.fail(f"redis-server with the chart's args did not answer: {argv}")
+    try:
+        until_sync(client.ping, "redis-server answering", timeout_s=10, ignoring=(redis.ConnectionError,))
+    except RuntimeError:
+        process.kill()
+        pytest.fail(f"redis-server with the chart's args did not answer: {argv}")
+    return process
 
 
 @pytest.fixture

@@ -4,10 +4,9 @@ primary + replica watched by three sentinels. Ports come from the launcher's one
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import redis
 
 from devtools.local_stack import REDIS_FLAGS, free_port
 from tests.support.certs import TestCA
+from tests.support.waiting import until_sync
 
 
 @dataclass
@@ -59,15 +59,8 @@ def _spawn(topology: Topology, name: str, argv: list[str], log: Path) -> None:
         topology.processes[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _until(condition: object, what: str, timeout_s: float = 30.0) -> None:
-    end = time.monotonic() + timeout_s
-    while True:
-        with contextlib.suppress(redis.RedisError, OSError):
-            if condition():  # type: ignore[operator]
-                return
-        if time.monotonic() > end:
-            raise RuntimeError(f"{what} within {timeout_s:.0f}s")
-        time.sleep(0.05)
+def _until(condition: Callable[..., object], what: str) -> None:
+    until_sync(condition, what, ignoring=(redis.RedisError, OSError))
 
 
 def start_cluster(folder: Path, primaries: int = 3) -> Topology:

@@ -1,8 +1,10 @@
-"""Waiting for a condition in async tests, bounded so that a broken condition fails instead of hanging."""
+"""Waiting for a condition in tests, bounded so that a broken condition fails instead of hanging."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable
 
 
@@ -23,3 +25,23 @@ async def until_async(
     while not await condition():
         assert loop.time() < end, "condition not met in time"
         await asyncio.sleep(interval_s)
+
+
+def until_sync(
+    condition: Callable[..., object],
+    what: str,
+    *,
+    timeout_s: float = 30.0,
+    interval_s: float = 0.05,
+    ignoring: tuple[type[BaseException], ...] = (),
+) -> None:
+    """`until` outside an event loop (a process starting up, asked with a sync client): `condition`
+    raising one of `ignoring` counts as not yet; RuntimeError naming `what` after `timeout_s`."""
+    end = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(*ignoring):
+            if condition():
+                return
+        if time.monotonic() > end:
+            raise RuntimeError(f"{what} within {timeout_s:.0f}s")
+        time.sleep(interval_s)
