@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,9 @@ def profile_pids(pids: dict[str, int], *, duration_s: float, name: str) -> Profi
     for proc, pid in pids.items():
         path = RESULTS / f"profile-{name}-{proc}.txt"
         argv = [py_spy, "record", "--pid", str(pid), "--duration", str(max(int(duration_s), 1))]
-        argv += ["--rate", "200", "--format", "raw", "--output", str(path), "--nonblocking"]
+        argv += ["--rate", "200", "--format", "raw", "--output", str(path)]
+        # Native frames (C under the event loop: grpc, uvloop, hiredis) pause the process per sample.
+        argv += ["--native"] if os.environ.get("BENCH_PROFILE_NATIVE") == "1" else ["--nonblocking"]
         running[proc] = (subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), path)
     return Profiling(running)
 

@@ -83,3 +83,29 @@ async def test_greedy_stream_equals_vllm_offline_chat(
         streamed.extend(out.token_ids)
     assert streamed == expected["token_ids"]
     assert len(streamed) > 0
+
+
+TEXT_CONVERSATIONS = [c for c in CONVERSATIONS if not c.needs_vision]
+
+
+@pytest.mark.asyncio(loop_scope="session")
+@pytest.mark.parametrize("conversation", TEXT_CONVERSATIONS, ids=[c.name for c in TEXT_CONVERSATIONS])
+async def test_the_front_doors_ids_run_by_the_engine_give_vllms_greedy_output(
+    conversation: Conversation, tiny_model: TinyModel, vllm_reference: dict[str, Any], engine: VllmEngine
+) -> None:
+    # The front door's counter for the model the engine runs: the worker takes its ids as the prompt.
+    counter = TokenCounter.from_tokenizer_file(
+        str(tiny_model.path / "tekken.json"), model_name=str(tiny_model.path)
+    )
+    assert counter.fingerprint == engine.prompt_builder.fingerprint
+    expected = vllm_reference["greedy"][conversation.name]
+    ids = counter.encode(form_of(conversation.chat))
+    assert ids == expected["prompt_token_ids"]
+    request = EngineRequest(
+        f"counted-{conversation.name}",
+        conversation.chat,
+        prompt_token_ids=ids,
+        prompt_fingerprint=counter.fingerprint,
+    )
+    streamed = [token for out in [o async for o in engine.generate(request)] for token in out.token_ids]
+    assert streamed == expected["token_ids"]

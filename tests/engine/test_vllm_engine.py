@@ -12,7 +12,7 @@ from mistral_serve.worker.app import start_worker
 from mistral_serve.worker.engine import EngineOutput, EngineRequest, EngineRequestError
 from mistral_serve.worker.health import DEEP_SERVICE
 from mistral_serve.worker.settings import WorkerSettings
-from mistral_serve.worker.vllm_engine import VllmEngine
+from mistral_serve.worker.vllm_engine import VllmEngine, warm_grammar_tokenizer
 from tests.engine.conftest import TinyModel
 from tests.engine.conversations import data_url, make_png, text
 from tests.engine.session_engine import SessionEngine
@@ -42,6 +42,22 @@ async def wait_until_idle(engine: VllmEngine) -> None:
 async def test_engine_is_ready_once_started(engine: VllmEngine) -> None:
     assert engine.is_ready()
     assert engine.running_count() == 0
+
+
+async def test_grammar_vocabulary_is_built_at_start_not_on_the_first_tool_request(engine: VllmEngine) -> None:
+    # vLLM caches it on its Mistral tokenizer the first time a grammar request is checked (so this
+    # fails only where no earlier test sent one: run the file alone; the test below covers the rest).
+    assert engine._llm is not None
+    assert "llg_tokenizer" in vars(engine._llm.renderer.tokenizer)
+
+
+async def test_warming_builds_the_grammar_vocabulary_vllm_caches(tiny_model: TinyModel) -> None:
+    from vllm.tokenizers.mistral import MistralTokenizer
+
+    tokenizer = MistralTokenizer.from_pretrained(str(tiny_model.path))
+    assert "llg_tokenizer" not in vars(tokenizer)
+    warm_grammar_tokenizer(tokenizer)
+    assert "llg_tokenizer" in vars(tokenizer)
 
 
 async def test_deep_health_generates_one_token_on_vllm(engine: VllmEngine, redis_url: str) -> None:

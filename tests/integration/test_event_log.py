@@ -131,3 +131,34 @@ async def test_a_flush_sets_the_ttl_of_new_streams_only(redis_url: str) -> None:
     assert all(60_000 < ttl <= 500_000 for ttl in old_ttls)
     assert all(0 < ttl <= 60_000 for ttl in new_ttls)
     assert lengths == [2] * len(old) + [1] * len(new)
+
+
+async def test_terminal_events_and_their_jobs_acks_are_one_script_call(redis_url: str) -> None:
+    """A job's XACK and XDEL go in the call that writes its terminal event, for every job ending in it."""
+    client = redis.Redis.from_url(redis_url)
+    stream = keys.request_stream("acks")
+    await client.xgroup_create(stream, keys.WORKER_GROUP, id="0", mkstream=True)
+    entries = [await client.xadd(stream, {"r": str(n)}) for n in range(3)]
+    await client.xreadgroup(keys.WORKER_GROUP, "w1", {stream: ">"}, count=3)
+    writer = EventWriter(client, pool="acks", ttl_s=60, interval_s=0.05, max_events=64)
+    done = chat_pb2.ChatEvent(finished=chat_pb2.Finished())
+    await client.config_resetstat()
+    task = asyncio.get_running_loop().create_task(writer.run())
+    try:
+        # Two jobs end in one flush, with a request still running beside them; the third job stays.
+        writer.emit("running", chat_pb2.ChatEvent(delta=chat_pb2.Delta(sequence=1, text="x")))
+        await asyncio.gather(
+            writer.emit_final("r0", done, ack=(stream, entries[0])),
+            writer.emit_final("r1", done, ack=(stream, entries[1])),
+        )
+        calls = await _command_calls(client)
+        pending = await client.xpending(stream, keys.WORKER_GROUP)
+        left = [entry_id for entry_id, _ in await client.xrange(stream)]
+        history = await EventFanout(client, "f1", pool="acks").history("r1")
+    finally:
+        task.cancel()
+        await client.aclose()
+    assert writer.writes == 1 and calls.get("evalsha") == 1
+    assert (calls.get("xack"), calls.get("xdel")) == (2, 2)
+    assert pending["pending"] == 1 and left == [entries[2]]
+    assert history.events[-1].WhichOneof("event") == "finished"

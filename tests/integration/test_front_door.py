@@ -211,3 +211,22 @@ async def test_the_worker_gets_the_one_form_the_front_door_built(stack: Stack, d
     assert received.messages[1].tool_calls[0].id == "aBcDeFgHi"  # vLLM's rule: the last 9 characters
     assert received.messages[2].tool_call_id == "aBcDeFgHi"
     assert received.sampling.temperature == pytest.approx(0.15)
+
+
+async def test_the_worker_gets_the_prompt_ids_the_front_door_counted_for_text_not_for_images(
+    stack: Stack, door: Frontend, token_counter: TokenCounter
+) -> None:
+    engine = ScriptedEngine()  # it keeps every request it ran
+    await stack.worker(engine)
+    plain = chat("count me once")
+    with_image = chat_pb2.ChatRequest(
+        messages=[user(text("look"), chat_pb2.ContentPart(image_url=data_url(SMALL_PNG)))]
+    )
+    for request in (plain, with_image):
+        events = await raw_stream(door, request)
+        assert events[-1].WhichOneof("event") == "finished", events[-1]
+    text_run, image_run = engine.requests
+    assert list(text_run.prompt_token_ids) == token_counter.encode(form_of(plain))
+    assert text_run.prompt_fingerprint == token_counter.fingerprint != ""
+    # The worker decodes the pixels, so it builds an image request's prompt itself.
+    assert (list(image_run.prompt_token_ids), image_run.prompt_fingerprint) == ([], "")

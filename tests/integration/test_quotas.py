@@ -384,3 +384,45 @@ async def test_a_quota_changed_in_the_keys_file_holds_once_the_file_is_reread(
     for admitted in (first, second):
         admitted.call.cancel()
     await door.channel.close()
+
+
+async def _watch(client: redis.Redis, seen: list[tuple[str, str]], ready: asyncio.Event) -> None:
+    """Every command Redis runs, as MONITOR reports it (name, whole line), into `seen`, in order."""
+    async with client.monitor() as monitor:
+        ready.set()
+        async for command in monitor.listen():
+            line = str(command["command"])
+            seen.append((line.split()[0].upper(), line))
+
+
+@pytest.mark.parametrize(
+    ("options", "settled"),
+    [("name=team-a rps=100", False), ("name=team-a inflight=5", True)],
+)
+async def test_a_worker_settles_only_a_request_whose_caller_was_charged_for_it(
+    stack: Stack, tmp_path: Path, options: str, settled: bool
+) -> None:
+    # A requests-per-second charge is never given back: the worker makes no call for that caller.
+    frontend = await stack.frontend(api_keys_file=keys_file(tmp_path, f"{key_digest('ka')} {options}"))
+    await stack.worker(ScriptedEngine(default_tokens=3))
+    client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
+    inflight = keys.quota_keys(POOL, "team-a")[2]
+    seen: list[tuple[str, str]] = []
+    ready = asyncio.Event()
+    watcher = asyncio.create_task(_watch(client, seen, ready))
+    await ready.wait()
+    door = Door(frontend)
+    events = await rest(await door.start("ka", 5))
+    assert events[-1].WhichOneof("event") == "finished"
+    # A worker settles before its ack (XDEL of the queue entry): once that is seen, so is the settle.
+    await until_async(lambda: _seen(seen, "XDEL"))
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    assert any(name == "ZREM" and inflight in line for name, line in seen) == settled, seen
+    await client.aclose()
+    await door.channel.close()
+
+
+async def _seen(seen: list[tuple[str, str]], name: str) -> bool:
+    return any(n == name for n, _ in seen)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mistral_serve.common.contract import new_tokens_allowed
@@ -95,3 +97,42 @@ def test_the_request_form_decides_the_default_system_prompt_once(
     request = req(user(text("hi")), default_system_prompt=sent)
     form = build_request_form(request, {}, default_system_prompt=setting)
     assert form.request.default_system_prompt is queued
+
+
+def test_the_front_doors_ids_are_the_workers_prompt_and_named_by_the_same_fingerprint() -> None:
+    counter, builder = tiny_token_counter(), PromptBuilder.from_model(str(ensure_tiny_model()))
+    assert counter.fingerprint == builder.fingerprint != ""
+    form = form_of(REQUESTS[0])
+    assert counter.encode(form) == builder.build(form.request).token_ids
+
+
+def test_a_worker_runs_the_front_doors_ids_only_when_its_fingerprint_is_theirs() -> None:
+    builder = PromptBuilder.from_model(str(ensure_tiny_model()))
+    request = REQUESTS[0]
+    sent = [7, 7, 7]  # not the conversation's ids: seen in the prompt only if they were used
+    assert builder.build(request, known_ids=sent, known_by=builder.fingerprint).token_ids == sent
+    encoded = builder.build(request).token_ids
+    assert builder.build(request, known_ids=sent, known_by="another tokenizer").token_ids == encoded
+    assert builder.build(request, known_ids=[], known_by=builder.fingerprint).token_ids == encoded
+    # Images are decoded by the worker, so their prompts are always built again.
+    with_image = REQUESTS[3]
+    built = builder.build(with_image, known_ids=sent, known_by=builder.fingerprint)
+    assert built.token_ids != sent and built.image_tokens > 0
+
+
+def test_a_different_default_system_prompt_is_a_different_fingerprint(tmp_path: Path) -> None:
+    model = ensure_tiny_model()
+    other = tmp_path / model.name
+    other.mkdir()
+    (other / "tekken.json").write_bytes((model / "tekken.json").read_bytes())
+    (other / "SYSTEM_PROMPT.txt").write_text("You are another assistant.")
+    assert (
+        PromptBuilder.from_model(str(other)).fingerprint != PromptBuilder.from_model(str(model)).fingerprint
+    )
+
+
+def test_small_text_requests_are_counted_on_the_loop_large_or_image_ones_on_a_thread() -> None:
+    counter = tiny_token_counter()
+    assert counter.cheap(form_of(REQUESTS[0]))
+    assert not counter.cheap(form_of(req(user(text("word " * 2000)))))
+    assert not counter.cheap(form_of(REQUESTS[3]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import mistral_common
 from mistral_common.exceptions import MistralCommonException
 from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
 from mistral_common.protocol.instruct.messages import (
@@ -103,6 +105,15 @@ def resolve_model_file(model: str, filename: str) -> Path | None:
         return None
 
 
+def prompt_fingerprint(tokenizer_file: Path, *, model_name: str, system_prompt_template: str | None) -> str:
+    """Names the prompts a builder makes: two builders with the same fingerprint (the same tokenizer
+    file, default system prompt, model name and mistral_common) build the same ids for a request."""
+    digest = hashlib.sha256(tokenizer_file.read_bytes())
+    for part in (system_prompt_template or "", model_name, mistral_common.__version__):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:32]
+
+
 def fill_system_prompt(template: str, *, model_name: str, today: dt.date) -> str:
     """Fill the model card's placeholders; `str.format` would choke on other braces in the text."""
     yesterday = today - dt.timedelta(days=1)
@@ -153,8 +164,11 @@ class PromptBuilder:
         model_name: str,
         system_prompt_template: str | None = None,
         image_loader: ImageLoader = decode_image_bytes,
+        fingerprint: str = "",
     ) -> None:
         self._tokenizer = tokenizer
+        # `prompt_fingerprint` of the files this builder was made from; "" takes no ids built elsewhere.
+        self.fingerprint = fingerprint
         self._model_name = model_name
         self._system_prompt_template = system_prompt_template
         self._image_loader = image_loader
@@ -178,7 +192,10 @@ class PromptBuilder:
         system_path = resolve_model_file(model, SYSTEM_PROMPT_FILE)
         template = system_path.read_text(encoding="utf-8") if system_path is not None else None
         model_name = os.path.basename(model.rstrip("/"))
-        return cls(tokenizer, model_name=model_name, system_prompt_template=template)
+        fingerprint = prompt_fingerprint(
+            tokenizer_path, model_name=model_name, system_prompt_template=template
+        )
+        return cls(tokenizer, model_name=model_name, system_prompt_template=template, fingerprint=fingerprint)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -191,9 +208,23 @@ class PromptBuilder:
             self._system_prompt_template, model_name=self._model_name, today=today or dt.date.today()
         )
 
-    def build(self, chat: chat_pb2.ChatRequest, *, today: dt.date | None = None) -> BuiltPrompt:
-        """Token ids (and images) of the prompt; raises PromptError on a conversation the model refuses."""
+    def build(
+        self,
+        chat: chat_pb2.ChatRequest,
+        *,
+        today: dt.date | None = None,
+        known_ids: Sequence[int] = (),
+        known_by: str = "",
+    ) -> BuiltPrompt:
+        """Token ids (and images) of the prompt; raises PromptError on a conversation the model refuses.
+
+        `known_ids` are the prompt's ids as a builder with fingerprint `known_by` encoded them (the
+        front door's count): with this builder's fingerprint and no image, they are the prompt, and
+        the conversation is not encoded again.
+        """
         request, images = self.to_mistral_request(chat, today=today)
+        if known_ids and self.fingerprint and known_by == self.fingerprint and not images:
+            return BuiltPrompt(token_ids=list(known_ids), request=request)
         try:
             tokenized = self._tokenizer.encode_chat_completion(request)
         except (MistralCommonException, AssertionError, ValidationError, ValueError, KeyError) as exc:

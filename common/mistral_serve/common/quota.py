@@ -177,6 +177,13 @@ def refusal(reply: object) -> Refusal | None:
     return Refusal(limit.decode() if isinstance(limit, bytes) else str(limit), int(retry_ms))
 
 
+def nothing_to_settle(quota: Quota) -> bool:
+    """Whether a request admitted under `quota` leaves nothing for its worker to give back: no
+    tokens-per-minute bucket was charged and no in-flight entry added (a requests-per-second charge
+    is never given back)."""
+    return quota.tokens_per_min is None and quota.max_inflight is None
+
+
 def tokens_used(terminal: chat_pb2.ChatEvent) -> int:
     """What a request that ended with `terminal` is charged: its prompt and output when it finished,
     nothing when it ended in an error (skipped, cancelled, past its deadline, failed): the caller
@@ -193,7 +200,7 @@ async def settle(
     """Reconcile a request that ended with `terminal`: out of the caller's in-flight set, and the
     tokens charged at admission trued up to what it used. A Redis error only logs: the in-flight
     entry lapses at the deadline and the bucket refills on its own."""
-    if not queued.caller:
+    if not queued.caller or queued.nothing_to_settle:
         return
     delta = queued.cost_tokens - tokens_used(terminal)
     _rps, tpm, inflight = keys.quota_keys(pool, queued.caller)

@@ -15,8 +15,8 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
-from typing import TypeAlias
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from google.rpc import code_pb2
 
@@ -36,8 +36,21 @@ from .validation import Limits, check_budget, validate_chat_request
 
 log = logging.getLogger(__name__)
 
-# Counts a request's prompt tokens (text and images) the way the worker's prompt builder does.
-TokenCounter: TypeAlias = Callable[[FrontDoorRequest], chat_pb2.CountTokensResponse]
+
+class TokenCounter(Protocol):
+    """Encodes a request's prompt (text and images) the way the worker's prompt builder does
+    (`token_count.TokenCounter`, which loads mistral_common: imported only where one is used)."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def cheap(self, form: FrontDoorRequest) -> bool: ...
+
+    def encode(self, form: FrontDoorRequest) -> list[int]: ...
+
+    def counted(self, tokens: Sequence[int]) -> chat_pb2.CountTokensResponse: ...
+
+
 TERMINAL = ("finished", "error")
 # Queued to a subscription by its stream's deadline timer (compared by identity).
 _DEADLINE_PASSED: list[chat_pb2.ChatEvent] = []
@@ -94,7 +107,7 @@ class ChatPipeline:
             validate_chat_request(request, limits=self._limits)
             raise NotConfigured("CountTokens needs MISTRAL_SERVE_TOKENIZER (the model's tekken.json)")
         form = await self._request_form(request)
-        return await asyncio.to_thread(self._token_counter, form)
+        return self._token_counter.counted(await self._prompt_ids(self._token_counter, form))
 
     def model_info(self) -> chat_pb2.GetModelInfoResponse:
         s = self._settings
@@ -111,12 +124,23 @@ class ChatPipeline:
         """Every check before a request may cost queue space: the request as it will be queued."""
         form = await self._request_form(request)
         counted = chat_pb2.CountTokensResponse()  # without a tokenizer the prompt counts as 0 tokens
-        if self._token_counter is not None:
-            counted = await asyncio.to_thread(self._token_counter, form)
+        counter = self._token_counter
+        if counter is not None:
+            ids = await self._prompt_ids(counter, form)
+            counted = counter.counted(ids)
+            if not form.image_sizes:  # a worker decodes images itself, so it builds those prompts again
+                form.queued.prompt_token_ids.extend(ids)
+                form.queued.tokenizer_fingerprint = counter.fingerprint
         new_tokens = check_budget(counted, form.request, self._limits)
         # What fair queueing weighs the request by (and quotas charge): all the tokens it may take.
         form.queued.cost_tokens = counted.prompt_tokens + new_tokens
         return form
+
+    @staticmethod
+    async def _prompt_ids(counter: TokenCounter, form: FrontDoorRequest) -> list[int]:
+        if counter.cheap(form):
+            return counter.encode(form)
+        return await asyncio.to_thread(counter.encode, form)
 
     async def _request_form(self, request: chat_pb2.ChatRequest) -> FrontDoorRequest:
         """Validate `request`, fetch its image URLs, and build the one form the rest works on."""

@@ -114,6 +114,7 @@ class RequestQueue:
         owner_ttl_s = max(1, int(queued.deadline_unix - queued.admitted_unix) + self._cancel_ttl_s)
         request_id = queued.request_id
         caller = queued.caller or owner
+        queued.nothing_to_settle = quota.nothing_to_settle(limits)
         span = self._start_producer(queued, band)
         script_keys = [
             *self._streams,

@@ -199,11 +199,14 @@ class Consumer:
         except HandBack:
             self._handed_back.append(job.ref)
             return
-        if terminal is not None:
-            await self._writer.emit_final(job.request_id, terminal)
-            await quota.settle(self._redis, self.pool, job.queued, terminal)
-            self._telemetry.metrics.job_ended(terminal)
-        await self._ack(job.ref)
+        if terminal is None:
+            await self._ack(job.ref)  # the end is written already: only the ack was missing
+            return
+        # One write: the terminal event and the ack. The settle follows; a worker lost in between
+        # leaves it undone, as a job found finished when taken over is not settled again.
+        await self._writer.emit_final(job.request_id, terminal, ack=(job.ref.stream, job.ref.entry_id))
+        await quota.settle(self._redis, self.pool, job.queued, terminal)
+        self._telemetry.metrics.job_ended(terminal)
 
     async def _terminal_event(self, job: Job, *, claimed: bool) -> chat_pb2.ChatEvent | None:
         """Run the job if it should run; its terminal event, or None when one was written already."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -26,6 +26,10 @@ class EngineRequest:
     chat: chat_pb2.ChatRequest
     # Tokens this request already streamed on an earlier attempt; generation continues after them.
     resume_token_ids: tuple[int, ...] = field(default=())
+    # The prompt's ids as the front door encoded them, by the builder of fingerprint
+    # `prompt_fingerprint`: an engine whose builder has the same one runs them as the prompt.
+    prompt_token_ids: Sequence[int] = field(default=())
+    prompt_fingerprint: str = ""
 
 
 class Marker(enum.Enum):

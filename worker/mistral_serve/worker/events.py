@@ -32,17 +32,24 @@ from mistral_serve.v1 import chat_pb2
 
 log = logging.getLogger(__name__)
 
-# KEYS: the event streams of one flush, those whose TTL is (re)set now first. ARGV: the TTL, the
-# record field name, how many KEYS have their TTL set, then each key's record, in KEYS order.
+# KEYS: the event streams of one flush (those whose TTL is (re)set now first), then the request
+# stream of each job acked with it. ARGV: the TTL, the record field name, how many event streams have
+# their TTL set, how many event streams there are, the consumer group; then, aligned with KEYS (KEYS[i]
+# goes with ARGV[i + 5]), each event stream's record and each acked job's entry id. A job's ack is in
+# the script that writes its terminal event: both happen, or neither.
 _FLUSH = """
-local ttl, field, renew = ARGV[1], ARGV[2], tonumber(ARGV[3])
-for i, key in ipairs(KEYS) do
-  redis.call('XADD', key, '*', field, ARGV[i + 3])
+local ttl, field, renew, streams, group = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+for i = 1, streams do
+  redis.call('XADD', KEYS[i], '*', field, ARGV[i + 5])
   if i <= renew then
-    redis.call('EXPIRE', key, ttl)
+    redis.call('EXPIRE', KEYS[i], ttl)
   end
 end
-return #KEYS
+for i = streams + 1, #KEYS do
+  redis.call('XACK', KEYS[i], group, ARGV[i + 5])
+  redis.call('XDEL', KEYS[i], ARGV[i + 5])
+end
+return streams
 """
 
 
@@ -53,6 +60,8 @@ class _Pending:
     raw_text: list[str] = field(default_factory=list)
     # Holds the request's terminal event.
     final: bool = False
+    # The job's queue entry (request stream, entry id), acked in the write of its terminal event.
+    ack: tuple[str, bytes] | None = None
 
     def record(self) -> queue_pb2.EventRecord:
         return queue_pb2.EventRecord(
@@ -64,6 +73,7 @@ class _Pending:
         self.token_ids[:0] = earlier.token_ids
         self.raw_text[:0] = earlier.raw_text
         self.final = self.final or earlier.final
+        self.ack = self.ack or earlier.ack
 
 
 class EventWriter:
@@ -117,12 +127,16 @@ class EventWriter:
         if urgent or len(pending.events) >= self._max_events:
             self._urgent.set()
 
-    async def emit_final(self, request_id: str, event: chat_pb2.ChatEvent) -> None:
-        """Write `event` now and return once it is in Redis."""
+    async def emit_final(
+        self, request_id: str, event: chat_pb2.ChatEvent, *, ack: tuple[str, bytes] | None = None
+    ) -> None:
+        """Write `event` now and return once it is in Redis; with `ack` (the job's request stream and
+        entry id), the job is acked by the same script (XACK and XDEL), never one without the other."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(done)
         self.emit(request_id, event, urgent=True)
-        self._pending[request_id].final = True
+        pending = self._pending[request_id]
+        pending.final, pending.ack = True, ack
         await done
 
     def seed(self, request_id: str, records: Iterable[queue_pb2.EventRecord]) -> None:
@@ -201,8 +215,17 @@ class EventWriter:
         # Two arguments a request (its key, its record): packing them is most of a flush's client CPU.
         order = renewed + kept
         streams = [keys.events_stream(self._pool, request_id) for request_id in order]
-        args: list[bytes | int | str] = [self._ttl_s, keys.EVENT_FIELD, len(renewed)]
+        args: list[bytes | int | str] = [
+            self._ttl_s,
+            keys.EVENT_FIELD,
+            len(renewed),
+            len(streams),
+            keys.WORKER_GROUP,
+        ]
         args += [records[request_id].SerializeToString() for request_id in order]
+        acks = [pending.ack for pending in batch.values() if pending.ack is not None]
+        streams += [stream for stream, _ in acks]
+        args += [entry_id for _, entry_id in acks]
         # A terminal event is on the replicas before its job can be acked (emit_final returns).
         finals = [request_id for request_id, pending in batch.items() if pending.final]
         if finals and self._replica_wait.replicas > 0:

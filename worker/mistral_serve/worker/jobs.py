@@ -90,7 +90,13 @@ async def _generate(
 ) -> chat_pb2.ChatEvent:
     request_id = queued.request_id
     started_at = job.started_at
-    engine_request = EngineRequest(request_id, queued.request, resume_token_ids=resume.token_ids)
+    engine_request = EngineRequest(
+        request_id,
+        queued.request,
+        resume_token_ids=resume.token_ids,
+        prompt_token_ids=queued.prompt_token_ids,
+        prompt_fingerprint=queued.tokenizer_fingerprint,
+    )
     parser = ToolCallStreamParser(call_id_seed=request_id, calls_allowed=calls_allowed(queued.request))
     if resume.token_ids:
         # Replayed by token id, as the engine streamed them: markers are found again by their ids.

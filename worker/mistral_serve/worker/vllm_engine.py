@@ -188,6 +188,8 @@ class VllmEngine:
         # Building the engine loads the weights and profiles memory: seconds to minutes of blocking work.
         # Off the event loop, so the worker's health server and heartbeats keep answering meanwhile.
         llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.settings.engine_args())
+        if grammars.supported:
+            await asyncio.to_thread(warm_grammar_tokenizer, llm.renderer.tokenizer)
         self._builder, self._grammars, self._llm = builder, grammars, llm
         self._call_tokens = ToolCallTokens.of(builder.tokenizer)
         self._output_tokenizer = llm.renderer.tokenizer
@@ -240,7 +242,9 @@ class VllmEngine:
         if llm is None:
             raise RuntimeError("engine not started")
         try:
-            built = self.prompt_builder.build(request.chat)
+            built = self.prompt_builder.build(
+                request.chat, known_ids=request.prompt_token_ids, known_by=request.prompt_fingerprint
+            )
             grammar = self._grammar(request.chat, built)
         except (PromptError, GrammarError) as exc:
             raise EngineRequestError(str(exc)) from exc
@@ -310,6 +314,13 @@ class VllmEngine:
                 # Closing vLLM's generator aborts the request in the engine and frees its KV cache.
                 with contextlib.suppress(Exception):
                     await stream.aclose()
+
+
+def warm_grammar_tokenizer(tokenizer: TokenizerLike | None) -> None:
+    """Build llguidance's view of the vocabulary now. vLLM builds it (once, cached on its Mistral
+    tokenizer) when it checks the first request with a grammar: half a second for Tekken's 131k
+    tokens, holding the GIL, so the first tool call after a start would stall every stream."""
+    getattr(tokenizer, "llg_tokenizer", None)
 
 
 def detokenize(tokenizer: TokenizerLike, token_ids: Sequence[int]) -> str:
