@@ -226,7 +226,7 @@ class EventWriter:
         acks = [pending.ack for pending in batch.values() if pending.ack is not None]
         streams += [stream for stream, _ in acks]
         args += [entry_id for _, entry_id in acks]
-        # A terminal event is on the replicas before its job can be acked (emit_final returns).
+        # A terminal event, and its job's ack with it, is on the replicas before emit_final returns.
         finals = [request_id for request_id, pending in batch.items() if pending.final]
         if finals and self._replica_wait.replicas > 0:
             # WAIT counts its own connection's writes, so it follows the script in one pipeline; EVAL,
