@@ -22,6 +22,7 @@ from mistral_serve.frontend import auth
 from mistral_serve.frontend.auth import key_digest
 from mistral_serve.frontend.server import Frontend
 from mistral_serve.v1 import chat_pb2, chat_pb2_grpc
+from mistral_serve.worker.app import Worker
 from tests.integration.conftest import Stack
 from tests.integration.test_errors import bad_request_fields
 from tests.support.requests import chat
@@ -404,7 +405,7 @@ async def test_a_worker_settles_only_a_request_whose_caller_was_charged_for_it(
 ) -> None:
     # A requests-per-second charge is never given back: the worker makes no call for that caller.
     frontend = await stack.frontend(api_keys_file=keys_file(tmp_path, f"{key_digest('ka')} {options}"))
-    await stack.worker(ScriptedEngine(default_tokens=3))
+    worker = await stack.worker(ScriptedEngine(default_tokens=3))
     client = redis.Redis.from_url(stack.redis_url, decode_responses=True)
     inflight = keys.quota_keys(POOL, "team-a")[2]
     seen: list[tuple[str, str]] = []
@@ -414,8 +415,11 @@ async def test_a_worker_settles_only_a_request_whose_caller_was_charged_for_it(
     door = Door(frontend)
     events = await rest(await door.start("ka", 5))
     assert events[-1].WhichOneof("event") == "finished"
-    # A worker settles before its ack (XDEL of the queue entry): once that is seen, so is the settle.
-    await until_async(lambda: _seen(seen, "XDEL"))
+    # The worker settles after the terminal write, then lets the job go: once it holds no job, a
+    # command sent after that is seen by MONITOR after the settle's, if there was one.
+    await until_async(lambda: _no_job(worker))
+    await client.get("settle-marker")
+    await until_async(lambda: _seen(seen, "GET settle-marker"))
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
@@ -424,5 +428,9 @@ async def test_a_worker_settles_only_a_request_whose_caller_was_charged_for_it(
     await door.channel.close()
 
 
-async def _seen(seen: list[tuple[str, str]], name: str) -> bool:
-    return any(n == name for n, _ in seen)
+async def _seen(seen: list[tuple[str, str]], line: str) -> bool:
+    return any(line in whole for _, whole in seen)
+
+
+async def _no_job(worker: Worker) -> bool:
+    return worker.consumer.inflight == 0
